@@ -1,0 +1,3 @@
+from rtcodetr.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""rtcodetr.cache_teacher stage."""

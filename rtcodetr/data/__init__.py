@@ -1,0 +1,1 @@
+"""rtcodetr.data stage."""

@@ -1,0 +1,1 @@
+"""rtcodetr.evaluate stage."""

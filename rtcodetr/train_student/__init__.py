@@ -1,0 +1,1 @@
+"""rtcodetr.train_student stage."""
