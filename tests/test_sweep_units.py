@@ -1,0 +1,33 @@
+"""Unit checks of the sweep's bookkeeping (the end-to-end sweep test lives in test_sweep.py)."""
+import pytest
+
+from rtcodetr.sweep import SweepConfig, flatten_overrides, format_table, mean_std, summarize_arms, train_command
+
+
+def test_flatten_overrides_nested_and_null():
+    words = flatten_overrides({"loss": {"feature_weight": 0.0, "mode": "pkd"}, "cache": None, "sizes": [1, 2]})
+    assert words == ["loss.feature_weight=0.0", "loss.mode=pkd", "cache=null", "sizes=[1, 2]"]
+
+
+def test_mean_std_and_paired_delta():
+    assert mean_std([1.0]) == (1.0, 0.0)
+    m, s = mean_std([1.0, 3.0])
+    assert m == 2.0 and s == pytest.approx(2 ** 0.5)
+    per_run = {"baseline": {0: {"mAP": 0.2, "mAP50": 0.4}, 1: {"mAP": 0.3, "mAP50": 0.5}},
+               "both": {0: {"mAP": 0.25, "mAP50": 0.5}, 1: {"mAP": 0.36, "mAP50": 0.5}}}
+    table = summarize_arms(per_run, "baseline")
+    assert table["both"]["delta_mAP"] == pytest.approx(0.055)
+    assert table["both"]["paired_delta_mAP"][0] == pytest.approx(0.055)
+    assert table["both"]["paired_delta_mAP"][1] == pytest.approx(abs(0.05 - 0.06) / 2 ** 0.5)
+    text = format_table(table, "baseline")
+    assert "| both | 2 |" in text and "+0.0550" in text
+
+
+def test_train_command_is_explicit():
+    cfg = SweepConfig(data="d", model="m", cache="c", out="o", train_config="t.yaml",
+                      arms={"baseline": {"loss": {"feature_weight": 0}}}, launch_args=["--num_processes", "2"])
+    cmd = train_command(cfg, "baseline", 3)
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"]
+    assert cmd[cmd.index("--config") + 1] == "t.yaml"
+    assert "seed=3" in cmd and "loss.feature_weight=0" in cmd and "resume=auto" in cmd
+    assert any(w.endswith("runs/baseline/seed3") for w in cmd if w.startswith("out="))
