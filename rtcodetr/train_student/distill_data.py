@@ -1,0 +1,183 @@
+"""Images joined with their teacher-cache rows, and the collate function that forms the model's inputs.
+
+Workers do only cheap work: decode + augment the image (the data stage's transforms, which record the per-sample
+``affine``), read the cache row, and move the teacher's *boxes* through that affine exactly like the GT boxes (a few
+numpy ops on ``[T, 4]``). Teacher *feature maps* leave the workers as cached (``[C, Hf, Wf]``) and are warped onto
+the student's grid on the device (``resample.resample_teacher_features``).
+
+Box formats: ``target["boxes"]`` and ``target["teacher_boxes"]`` are absolute float32 xyxy in the current image frame;
+the cache holds normalized cxcywh in the original frame; the model's labels get normalized cxcywh of the current
+(unpadded) image, converted in ``collate`` (the one boundary).
+"""
+from __future__ import annotations
+
+import random
+import zlib
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from rtcodetr.data.boxes import affine_boxes, clip_boxes, cxcywh_normalized_to_xyxy, xyxy_to_cxcywh_normalized
+
+FEATURE_TENSORS = ("backbone", "encoder")
+
+
+def teacher_boxes_to_current(
+    boxes_cxcywh: np.ndarray, orig_hw: Sequence[int], affine: np.ndarray, current_hw: Sequence[int], min_size: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Move cached teacher boxes into the sample's current frame, like the GT boxes.
+
+    boxes_cxcywh: float ``[T, 4]`` normalized cxcywh of the original image ``orig_hw = (h, w)``; affine: ``[3, 3]``
+    original -> current pixels. Returns (float32 ``[T', 4]`` absolute xyxy clipped to ``current_hw``, bool ``[T]``
+    keep mask): a box is dropped when less than ``min_size`` pixels of width or height remain inside the image
+    (e.g. cropped away), so callers must index the teacher's probabilities with the same mask.
+    """
+    xyxy = cxcywh_normalized_to_xyxy(np.asarray(boxes_cxcywh, dtype=np.float64), orig_hw)
+    moved = clip_boxes(affine_boxes(xyxy, np.asarray(affine, dtype=np.float64)), current_hw)
+    keep = ((moved[:, 2] - moved[:, 0]) >= min_size) & ((moved[:, 3] - moved[:, 1]) >= min_size)
+    return moved[keep].astype(np.float32), keep
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed for one sample's augmentation, independent of worker count, order and resumption."""
+    return zlib.crc32(f"{seed}/{epoch}/{index}".encode()) & 0x7FFFFFFF
+
+
+class DistillDataset(torch.utils.data.Dataset):
+    """``CocoDetection`` + optional ``TeacherCache`` rows matched by image id.
+
+    Each item is ``(image float32 [3, H, W], target)`` with the data stage's target keys plus, when asked:
+    - ``teacher_probs`` float32 ``[T, K]``, ``teacher_boxes`` float32 ``[T, 4]`` (abs xyxy, current frame),
+      ``teacher_weight`` float32 ``[T]`` (max probability): the teacher's top-``topk`` predictions that survive the
+      augmentation;
+    - ``teacher_<name>`` float32 ``[C, Hf, Wf]`` for each feature tensor, with ``teacher_valid`` int64 ``[2]`` and
+      ``teacher_input_hw`` int64 ``[2]``.
+    Augmentation randomness is seeded per ``(seed, epoch, index)`` so a resumed run sees the same views.
+    """
+
+    def __init__(self, base, cache=None, *, predictions: bool = False, features: Sequence[str] = (), topk: int = 100,
+                 seed: int = 0):
+        self.base = base
+        self.cache = cache
+        self.predictions = predictions
+        self.features = tuple(features)
+        self.topk = topk
+        self.seed = seed
+        self.epoch = 0
+        if cache is None and (predictions or self.features):
+            raise ValueError("distillation targets were requested but no teacher cache was given (set cache=...)")
+        self._rows: np.ndarray | None = None
+        if cache is not None:
+            missing = [int(i) for i in base.image_ids if not _has(cache, int(i))]
+            if missing:
+                raise ValueError(
+                    f"teacher cache {getattr(cache, 'path', cache)} has no row for {len(missing)} image id(s) of the "
+                    f"'{getattr(base, 'split', '?')}' split (first: {missing[:5]}); rebuild the cache for this dataset"
+                )
+            self._rows = np.asarray([cache.index_of(int(i)) for i in base.image_ids], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def _augment(self, i: int):
+        # Seed python / numpy / torch for this sample only, then restore, so that the main process's RNG (denoising
+        # noise, dropout) is untouched when num_workers=0.
+        s = sample_seed(self.seed, self.epoch, i)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(s)
+            np.random.seed(s)
+            torch.manual_seed(s)
+            try:
+                return self.base[i]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        image, target = self._augment(i)
+        if self.cache is None or not (self.predictions or self.features):
+            return image, target
+        row = self.cache[int(self._rows[i])]
+        if int(row["image_id"]) != int(target["image_id"]):
+            raise ValueError(f"teacher cache row {self._rows[i]} holds image id {int(row['image_id'])}, "
+                             f"expected {int(target['image_id'])}")
+        target = dict(target)
+        if self.predictions:
+            probs = sigmoid(row["logits"].astype(np.float32))
+            weight = probs.max(-1)
+            k = min(self.topk, len(weight))
+            top = np.argsort(-weight, kind="stable")[:k]
+            affine = np.asarray(target["affine"], dtype=np.float64)
+            boxes, keep = teacher_boxes_to_current(row["boxes"][top], _hw(target["orig_size"]), affine, _hw(target["size"]))
+            target["teacher_boxes"] = torch.from_numpy(boxes)
+            target["teacher_probs"] = torch.from_numpy(probs[top][keep].astype(np.float32))
+            target["teacher_weight"] = torch.from_numpy(weight[top][keep].astype(np.float32))
+        for name in self.features:
+            target[f"teacher_{name}"] = torch.from_numpy(np.ascontiguousarray(row[name], dtype=np.float32))
+        if self.features:
+            target["teacher_valid"] = torch.as_tensor(np.asarray(row["valid"]), dtype=torch.int64)
+            target["teacher_input_hw"] = torch.as_tensor(np.asarray(row["input_hw"]), dtype=torch.int64)
+        return image, target
+
+
+def _hw(x) -> tuple[int, int]:
+    x = np.asarray(x.tolist() if torch.is_tensor(x) else x)
+    return int(x[0]), int(x[1])
+
+
+def _has(cache, image_id: int) -> bool:
+    try:
+        cache.index_of(image_id)
+        return True
+    except (KeyError, IndexError, ValueError):
+        return False
+
+
+def pad_stack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``[C, H_i, W_i]`` tensors into ``[B, C, H, W]`` zero-padded bottom/right, with a ``[B, H, W]`` int64 mask
+    (1 = real pixel)."""
+    c = tensors[0].shape[0]
+    h = max(t.shape[1] for t in tensors)
+    w = max(t.shape[2] for t in tensors)
+    out = tensors[0].new_zeros(len(tensors), c, h, w)
+    mask = torch.zeros(len(tensors), h, w, dtype=torch.int64)
+    for i, t in enumerate(tensors):
+        out[i, :, : t.shape[1], : t.shape[2]] = t
+        mask[i, : t.shape[1], : t.shape[2]] = 1
+    return out, mask
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
+    """Batch for the loop: ``pixel_values`` float32 ``[B, 3, H, W]``, ``pixel_mask`` int64 ``[B, H, W]``, ``labels``
+    (HF format: ``class_labels`` int64 ``[N]``, ``boxes`` float32 ``[N, 4]`` normalized cxcywh of the unpadded current
+    image), ``targets`` (the per-sample dicts, xyxy), and stacked teacher tensors when present."""
+    images = [b[0] for b in batch]
+    targets = [b[1] for b in batch]
+    pixel_values, pixel_mask = pad_stack(images)
+    labels = [
+        {"class_labels": t["labels"].long(), "boxes": xyxy_to_cxcywh_normalized(t["boxes"].float(), _hw(t["size"])).float()}
+        for t in targets
+    ]
+    out: dict[str, Any] = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels, "targets": targets}
+    for name in FEATURE_TENSORS:
+        key = f"teacher_{name}"
+        if key in targets[0]:
+            out[key] = pad_stack([t[key] for t in targets])[0]
+    for key in ("affine",):
+        out[key] = torch.stack([torch.as_tensor(np.asarray(t[key]), dtype=torch.float64) for t in targets])
+    for key in ("orig_size", "size", "teacher_valid", "teacher_input_hw"):
+        if key in targets[0]:
+            out[key] = torch.stack([torch.as_tensor(np.asarray(t[key]), dtype=torch.int64) for t in targets])
+    out["image_ids"] = [int(t["image_id"]) for t in targets]
+    return out

@@ -1,0 +1,172 @@
+"""Distillation losses, matching and augmentation-consistent teacher targets (no model, no files: fast)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from rtcodetr.train_student.distill_data import teacher_boxes_to_current
+from rtcodetr.train_student.losses import (
+    DistillMatcher,
+    FeatureDistillLoss,
+    PredictionDistillLoss,
+    PredictionTargets,
+    foreground_weights,
+    split_denoising,
+)
+from rtcodetr.train_student.resample import resample_teacher_features
+
+
+def _teacher(num: int = 6, num_labels: int = 4, seed: int = 0) -> PredictionTargets:
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(num, num_labels, generator=g) * 0.9 + 0.05
+    cxcy = torch.rand(num, 2, generator=g) * 0.6 + 0.2
+    wh = torch.rand(num, 2, generator=g) * 0.2 + 0.05
+    boxes = torch.cat([cxcy, wh], -1)
+    return PredictionTargets(probs=probs, boxes=boxes, weight=probs.max(-1).values)
+
+
+def _student_reproducing(t: PredictionTargets, num_queries: int, layers: int, perm: torch.Tensor) -> tuple:
+    """Student queries: the teacher's predictions at positions ``perm`` plus distinct junk queries elsewhere."""
+    k = t.probs.shape[1]
+    logits = torch.full((num_queries, k), -6.0)
+    boxes = torch.tensor([[0.9, 0.9, 0.05, 0.05]]).repeat(num_queries, 1)
+    logits[perm] = torch.logit(t.probs)
+    boxes[perm] = t.boxes
+    return logits[None, None].repeat(1, layers, 1, 1), boxes[None, None].repeat(1, layers, 1, 1)
+
+
+def test_prediction_loss_is_zero_when_student_reproduces_teacher():
+    t = _teacher()
+    perm = torch.tensor([7, 2, 9, 0, 4, 11])  # the student holds them in scrambled slots, never query i <-> i
+    logits, boxes = _student_reproducing(t, num_queries=12, layers=3, perm=perm)
+    losses = PredictionDistillLoss()(logits, boxes, [t])
+    for name, value in losses.items():
+        assert abs(float(value)) < 1e-4, (name, float(value))
+    # and clearly non-zero when the student is off
+    off = PredictionDistillLoss()(logits + 1.0, boxes + torch.tensor([0.05, -0.03, 0.02, 0.01]), [t])
+    assert all(float(v) > 1e-2 for v in off.values())
+
+
+def test_matcher_pairs_by_content_not_by_index():
+    t = _teacher(num=5)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    logits, boxes = _student_reproducing(t, num_queries=5, layers=1, perm=perm)
+    src, tgt = DistillMatcher()(logits[0, 0], boxes[0, 0], t)
+    pairs = dict(zip(tgt.tolist(), src.tolist()))
+    assert pairs == {i: int(perm[i]) for i in range(5)}
+
+
+def test_prediction_loss_invariant_to_permuting_teacher_queries():
+    t = _teacher(num=8, seed=1)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 2, 10, 4, generator=g)
+    boxes = torch.cat([torch.rand(1, 2, 10, 2, generator=g) * 0.6 + 0.2, torch.rand(1, 2, 10, 2, generator=g) * 0.2 + 0.05], -1)
+    base = PredictionDistillLoss()(logits, boxes, [t])
+    p = torch.randperm(8, generator=g)
+    permuted = PredictionTargets(probs=t.probs[p], boxes=t.boxes[p], weight=t.weight[p])
+    other = PredictionDistillLoss()(logits, boxes, [permuted])
+    for name in base:
+        assert torch.allclose(base[name], other[name], atol=1e-6), name
+
+
+def test_prediction_loss_weighting_by_teacher_confidence():
+    t = _teacher(num=2)
+    t.weight = torch.tensor([1.0, 0.0])  # the second prediction carries no weight: its error must not count
+    logits, boxes = _student_reproducing(t, num_queries=4, layers=1, perm=torch.tensor([1, 3]))
+    boxes_bad = boxes.clone()
+    boxes_bad[0, 0, 3] = torch.tensor([0.5, 0.5, 0.3, 0.3])
+    losses = PredictionDistillLoss()(logits, boxes_bad, [t])
+    assert float(losses["pred_l1"]) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["mse", "pkd", "cosine"])
+def test_feature_loss_zero_on_match_and_ignores_masked_cells(kind):
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 8, 4, 5, generator=g)
+    mask = torch.ones(2, 1, 4, 5)
+    mask[:, :, :, 3:] = 0
+    student = teacher.clone()
+    student[:, :, :, 3:] = torch.randn(2, 8, 4, 2, generator=g) * 10  # garbage only where the mask is 0
+    loss = FeatureDistillLoss(kind)(student, teacher, mask)
+    assert float(loss) < 1e-5
+    worse = FeatureDistillLoss(kind)(student + torch.randn_like(student), teacher, mask)
+    assert float(worse) > 1e-2
+
+
+def test_foreground_weights_mark_cells_in_gt_boxes():
+    w = foreground_weights([torch.tensor([[0.0, 0.0, 40.0, 40.0]])], (3, 3), stride=32, fg_weight=2.0)
+    expected = torch.ones(3, 3)
+    expected[0, 0] = 3.0  # only the centre (16, 16) lies inside [0, 40]
+    assert torch.equal(w[0, 0], expected)
+
+
+def test_split_denoising_drops_dn_queries():
+    logits = torch.randn(2, 3, 7, 4)
+    boxes = torch.rand(2, 3, 7, 4)
+    out = SimpleNamespace(intermediate_logits=logits, intermediate_reference_points=boxes,
+                          denoising_meta_values={"dn_num_split": [2, 5]})
+    l, b = split_denoising(out)
+    assert l.shape == (2, 3, 5, 4) and torch.equal(l, logits[:, :, 2:]) and torch.equal(b, boxes[:, :, 2:])
+
+
+# ---- augmentation-consistent teacher targets -----------------------------------------------------------------
+
+def _resample(teacher, affine, orig_hw, current_hw, student_grid, teacher_input_hw=None):
+    b = teacher.shape[0]
+    tin = torch.tensor([teacher_input_hw or orig_hw] * b)
+    valid = torch.tensor([[teacher.shape[2], teacher.shape[3]]] * b)
+    return resample_teacher_features(
+        teacher, torch.as_tensor(affine, dtype=torch.float64)[None].repeat(b, 1, 1), torch.tensor([orig_hw] * b), tin,
+        valid, torch.tensor([current_hw] * b), student_grid,
+    )
+
+
+def test_resample_identity_flip_and_crop_exact():
+    torch.manual_seed(0)
+    teacher = torch.randn(1, 5, 4, 3)  # original 128 x 96 (h, w) at stride 32
+    maps, mask = _resample(teacher, np.eye(3), (128, 96), (128, 96), (4, 3))
+    assert torch.allclose(maps, teacher, atol=1e-5) and bool(mask.all())
+
+    flip = np.array([[-1.0, 0, 96], [0, 1, 0], [0, 0, 1]])
+    maps, mask = _resample(teacher, flip, (128, 96), (128, 96), (4, 3))
+    assert torch.allclose(maps, teacher.flip(-1), atol=1e-5) and bool(mask.all())
+
+    crop = np.array([[1.0, 0, -32], [0, 1, -32], [0, 0, 1]])  # crop starting at (x=32, y=32), 64 x 64
+    maps, mask = _resample(teacher, crop, (128, 96), (64, 64), (2, 2))
+    assert torch.allclose(maps, teacher[:, :, 1:3, 1:3], atol=1e-5) and bool(mask.all())
+
+
+def test_resample_teacher_at_other_resolution_and_zoom_out_mask():
+    torch.manual_seed(0)
+    # teacher ran at twice the original resolution: each student cell covers 2 x 2 teacher cells -> their mean
+    teacher = torch.randn(1, 3, 8, 6)
+    maps, mask = _resample(teacher, np.eye(3), (128, 96), (128, 96), (4, 3), teacher_input_hw=(256, 192))
+    assert torch.allclose(maps, torch.nn.functional.avg_pool2d(teacher, 2), atol=1e-5)
+    # zoom-out: the original occupies the top-left half of a 128 x 96 canvas; the rest has no teacher
+    teacher = torch.randn(1, 3, 4, 3)
+    half = np.diag([0.5, 0.5, 1.0])
+    maps, mask = _resample(teacher, half, (128, 96), (128, 96), (4, 3))
+    expected_mask = torch.zeros(4, 3)
+    expected_mask[:2, :1] = 1  # cell centres (16, 16), (16, 48): inside the 48 x 64 image; x = 48 is on its edge
+    expected_mask[:2, 1] = 1
+    assert torch.equal(mask[0, 0], expected_mask)
+    assert torch.equal(maps * (1 - mask), torch.zeros_like(maps))
+
+
+def test_teacher_boxes_follow_flip_and_crop():
+    orig_hw = (100, 200)
+    xyxy = np.array([[10.0, 20.0, 50.0, 60.0], [150.0, 10.0, 190.0, 90.0]])
+    cxcywh = np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2 / 200, (xyxy[:, 1] + xyxy[:, 3]) / 2 / 100,
+                       (xyxy[:, 2] - xyxy[:, 0]) / 200, (xyxy[:, 3] - xyxy[:, 1]) / 100], -1)
+    flip = np.array([[-1.0, 0, 200], [0, 1, 0], [0, 0, 1]])
+    boxes, keep = teacher_boxes_to_current(cxcywh, orig_hw, flip, orig_hw)
+    assert keep.all()
+    np.testing.assert_allclose(boxes, [[150, 20, 190, 60], [10, 10, 50, 90]], atol=1e-4)
+    # crop x in [30, 130], y in [0, 100]: the first box is clipped to [0, 20, 20, 60], the second one is gone
+    crop = np.array([[1.0, 0, -30], [0, 1, 0], [0, 0, 1]])
+    boxes, keep = teacher_boxes_to_current(cxcywh, orig_hw, crop, (100, 100))
+    assert keep.tolist() == [True, False]
+    np.testing.assert_allclose(boxes, [[0, 20, 20, 60]], atol=1e-4)
