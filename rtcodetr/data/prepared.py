@@ -1,0 +1,369 @@
+"""The prepared dataset directory: label map, COCO split files, dataset.json, report.json.
+
+Every later stage (teacher cache, trainer, evaluator, YOLO export) takes a prepared directory, never a raw COCO
+file, so the defects of a source file are fixed once, in one place, and the label map is shared by all of them.
+
+Layout (``format_version`` 1)::
+
+    dataset.json    {"format_version", "name", "image_root" (absolute), "num_labels",
+                     "splits": {split: {"file", "num_images", "num_annotations", "sha256"}},
+                     "sources": {...hashes of what it was made from...}, "settings": {...how...}}
+    label_map.json  {"labels": [{"label", "category_id", "name", "supercategory", "original_ids"}, ...]}
+    train.json / val.json / test.json   COCO; images carry "orientation": "raw" | "exif";
+                                        annotation ids unique from 1; category_id = label + 1; bbox xywh in-image
+    report.json     every fix applied, with counts
+
+``write_prepared`` is the one writer: the TACO path and the synthetic generator both go through it, so their output
+formats cannot drift apart.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+ORIENTATIONS = ("raw", "exif")
+
+
+class PreparedDataError(ValueError):
+    """A prepared dataset directory is missing, incomplete or inconsistent; the message names the file and field."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class LabelMap:
+    """Contiguous labels ``0..K-1`` <-> written category ids (``label + 1``) <-> names <-> source category ids.
+
+    ``original_ids[label]`` lists the source file's category ids merged into that label (one id per label in
+    ``categories`` mode, all member categories in ``supercategories`` mode).
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        supercategories: Sequence[str] | None = None,
+        original_ids: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        if len(names) == 0:
+            raise PreparedDataError("a label map needs at least one label")
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if list(names).count(n) > 1})
+            raise PreparedDataError(f"label names must be unique; repeated: {dup}")
+        self.names: list[str] = [str(n) for n in names]
+        self.supercategories: list[str] = [str(s) for s in (supercategories or self.names)]
+        self.original_ids: list[list[int]] = [list(map(int, ids)) for ids in (original_ids or [[] for _ in names])]
+        if len(self.supercategories) != len(self.names) or len(self.original_ids) != len(self.names):
+            raise PreparedDataError("label map: names, supercategories and original_ids must have the same length")
+        self.num_labels: int = len(self.names)
+        self.category_ids: np.ndarray = np.arange(1, self.num_labels + 1, dtype=np.int64)
+        self.id2label: dict[int, str] = {i: n for i, n in enumerate(self.names)}
+        self.label2id: dict[str, int] = {n: i for i, n in enumerate(self.names)}
+
+    def label_of_category(self, category_id: int) -> int:
+        """Written COCO ``category_id`` (1..K) -> label (0..K-1)."""
+        label = int(category_id) - 1
+        if not 0 <= label < self.num_labels:
+            raise KeyError(f"category_id {category_id} is not in this label map (valid: 1..{self.num_labels})")
+        return label
+
+    def to_json(self) -> dict:
+        return {
+            "labels": [
+                {
+                    "label": i,
+                    "category_id": int(self.category_ids[i]),
+                    "name": self.names[i],
+                    "supercategory": self.supercategories[i],
+                    "original_ids": self.original_ids[i],
+                }
+                for i in range(self.num_labels)
+            ]
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], source: str = "label map") -> "LabelMap":
+        try:
+            entries = sorted(d["labels"], key=lambda e: int(e["label"]))
+            labels = [int(e["label"]) for e in entries]
+            if labels != list(range(len(labels))):
+                raise PreparedDataError(f"{source}: labels must be contiguous 0..K-1, got {labels}")
+            for e in entries:
+                if int(e.get("category_id", e["label"] + 1)) != int(e["label"]) + 1:
+                    raise PreparedDataError(
+                        f"{source}: label {e['label']} has category_id {e['category_id']}, expected label + 1"
+                    )
+            return cls(
+                [e["name"] for e in entries],
+                [e.get("supercategory", e["name"]) for e in entries],
+                [e.get("original_ids", []) for e in entries],
+            )
+        except (KeyError, TypeError) as err:
+            raise PreparedDataError(f"{source}: malformed label map ({err!r})") from err
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LabelMap":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "label_map.json"
+        if not path.is_file():
+            raise PreparedDataError(f"label map not found: {path}")
+        with open(path) as f:
+            return cls.from_json(json.load(f), source=str(path))
+
+    def coco_categories(self) -> list[dict]:
+        """The ``categories`` list written into every split file."""
+        return [
+            {"id": int(self.category_ids[i]), "name": self.names[i], "supercategory": self.supercategories[i]}
+            for i in range(self.num_labels)
+        ]
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical ``[(label, name), ...]`` list: equal iff the label spaces are the same."""
+        canon = json.dumps([[i, n] for i, n in enumerate(self.names)], separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LabelMap) and self.names == other.names
+
+    def __repr__(self) -> str:
+        return f"LabelMap(num_labels={self.num_labels}, names={self.names[:5]}{'...' if self.num_labels > 5 else ''})"
+
+
+class PreparedData:
+    """A prepared dataset directory, loaded (see module docstring for the layout)."""
+
+    def __init__(self, root: Path, image_root: Path, label_map: LabelMap, info: dict) -> None:
+        self.root = root
+        self.image_root = image_root
+        self.label_map = label_map
+        self.info = info
+        self._coco: dict[str, dict] = {}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PreparedData":
+        if isinstance(path, PreparedData):
+            return path
+        root = Path(path).resolve()
+        ds_file = root / "dataset.json"
+        if not ds_file.is_file():
+            hint = ""
+            if root.is_file() and root.suffix == ".json":
+                hint = " (this is a COCO file; run `rtcodetr data taco --annotations FILE --images DIR --out DIR` first)"
+            raise PreparedDataError(f"{root} is not a prepared dataset directory: dataset.json not found{hint}")
+        with open(ds_file) as f:
+            info = json.load(f)
+        for key in ("format_version", "image_root", "num_labels", "splits"):
+            if key not in info:
+                raise PreparedDataError(f"{ds_file}: missing field '{key}'")
+        if info["format_version"] != FORMAT_VERSION:
+            raise PreparedDataError(
+                f"{ds_file}: field 'format_version' is {info['format_version']}, this code reads {FORMAT_VERSION}"
+            )
+        label_map = LabelMap.load(root / "label_map.json")
+        if label_map.num_labels != info["num_labels"]:
+            raise PreparedDataError(
+                f"{ds_file}: field 'num_labels' is {info['num_labels']} but label_map.json has {label_map.num_labels}"
+            )
+        image_root = Path(info["image_root"])
+        if not image_root.is_absolute():
+            image_root = root / image_root
+        return cls(root, image_root, label_map, info)
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.info["splits"])
+
+    def split_file(self, split: str) -> Path:
+        if split not in self.info["splits"]:
+            raise PreparedDataError(f"{self.root}: no split '{split}' (have: {', '.join(self.info['splits'])})")
+        return self.root / self.info["splits"][split]["file"]
+
+    def coco(self, split: str) -> dict:
+        """The parsed COCO dict of a split (cached; treat as read-only)."""
+        if split not in self._coco:
+            path = self.split_file(split)
+            if not path.is_file():
+                raise PreparedDataError(f"{self.root}: split file {path.name} listed in dataset.json is missing")
+            with open(path) as f:
+                self._coco[split] = json.load(f)
+        return self._coco[split]
+
+    def image_ids(self, split: str) -> list[int]:
+        """Image ids of a split in file order (the order every stage indexes samples in)."""
+        return [int(im["id"]) for im in self.coco(split)["images"]]
+
+    def fingerprint(self, split: str) -> dict:
+        """What a cache built on this split must match: the split file's hash and its ordered image ids."""
+        return {"annotations_sha256": sha256_file(self.split_file(split)), "image_ids": self.image_ids(split)}
+
+    def image_path(self, file_name: str) -> Path:
+        return self.image_root / safe_relative_path(file_name, "file_name")
+
+    def __repr__(self) -> str:
+        counts = {s: v["num_images"] for s, v in self.info["splits"].items()}
+        return f"PreparedData({self.root}, num_labels={self.label_map.num_labels}, images={counts})"
+
+
+def safe_relative_path(file_name: str, what: str = "file_name") -> Path:
+    """Return ``file_name`` as a relative path that cannot leave its root; raise ValueError otherwise.
+
+    Rejects absolute paths (POSIX or Windows drive), ``..`` components and empty names, so an annotation file cannot
+    make any stage read or link a file outside the image root.
+    """
+    if not isinstance(file_name, str) or not file_name.strip():
+        raise ValueError(f"{what} {file_name!r} is empty or not a string")
+    norm = file_name.replace("\\", "/")
+    if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
+        raise ValueError(f"{what} {file_name!r} is an absolute path; it must be relative to the image root")
+    parts = [p for p in norm.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"{what} {file_name!r} contains '..' and could escape the image root")
+    return Path(*parts)
+
+
+@dataclass
+class SplitRecords:
+    """One split before writing. Boxes are absolute ``xyxy`` float (already clamped and non-degenerate).
+
+    ``images``: dicts with ``id``, ``file_name``, ``width``, ``height``, ``orientation`` (+ optional extra fields kept
+    as-is, e.g. ``source_id``). ``annotations``: dicts with ``image_id``, ``label``, ``box_xyxy``, ``area``,
+    ``iscrowd`` (+ optional ``source_id``).
+    """
+
+    images: list[dict] = field(default_factory=list)
+    annotations: list[dict] = field(default_factory=list)
+
+
+def _coco_number(v: float) -> float:
+    # 4 decimals keep sub-pixel precision while keeping files and hashes stable across platforms
+    r = round(float(v), 4)
+    return 0.0 if r == 0 else r
+
+
+def write_prepared(
+    out: str | Path,
+    *,
+    name: str,
+    image_root: str | Path,
+    label_map: LabelMap,
+    splits: Mapping[str, SplitRecords],
+    report: dict,
+    sources: dict,
+    settings: dict,
+) -> "PreparedData":
+    """Write a prepared dataset directory and return it loaded.
+
+    Annotation ids are renumbered from 1 per split in (image order, input order); ``category_id = label + 1``;
+    ``bbox`` is COCO xywh. Raises PreparedDataError when a record violates the contract (box outside its image,
+    unknown label, bad orientation, unsafe file name), naming the split, the image and the field.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    image_root = Path(image_root).resolve()
+    categories = label_map.coco_categories()
+    split_info = {}
+    for split, recs in splits.items():
+        ann_by_image: dict[int, list[dict]] = {}
+        for a in recs.annotations:
+            ann_by_image.setdefault(int(a["image_id"]), []).append(a)
+        images, annotations = [], []
+        seen_ids: set[int] = set()
+        for im in recs.images:
+            iid = int(im["id"])
+            where = f"split '{split}', image id {iid}"
+            if iid in seen_ids:
+                raise PreparedDataError(f"{where}: field 'id' is repeated")
+            seen_ids.add(iid)
+            try:
+                safe_relative_path(im["file_name"])
+            except ValueError as e:
+                raise PreparedDataError(f"{where}: field 'file_name': {e}") from None
+            if im.get("orientation") not in ORIENTATIONS:
+                raise PreparedDataError(f"{where}: field 'orientation' must be one of {ORIENTATIONS}")
+            w, h = int(im["width"]), int(im["height"])
+            if w <= 0 or h <= 0:
+                raise PreparedDataError(f"{where}: fields 'width'/'height' must be positive, got {w}x{h}")
+            rec = {"id": iid, "file_name": str(im["file_name"]), "width": w, "height": h,
+                   "orientation": im["orientation"]}
+            rec.update({k: v for k, v in im.items() if k not in rec})
+            images.append(rec)
+            for a in ann_by_image.pop(iid, []):
+                x1, y1, x2, y2 = (float(v) for v in a["box_xyxy"])
+                label = int(a["label"])
+                if not 0 <= label < label_map.num_labels:
+                    raise PreparedDataError(f"{where}: annotation field 'label' {label} outside 0..{label_map.num_labels - 1}")
+                if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h) or not all(map(math.isfinite, (x1, y1, x2, y2))):
+                    raise PreparedDataError(f"{where}: annotation field 'bbox' {[x1, y1, x2, y2]} (xyxy) is not inside {w}x{h}")
+                ann = {
+                    "id": len(annotations) + 1,
+                    "image_id": iid,
+                    "category_id": label + 1,
+                    "bbox": [_coco_number(x1), _coco_number(y1), _coco_number(x2 - x1), _coco_number(y2 - y1)],
+                    "area": _coco_number(a.get("area", (x2 - x1) * (y2 - y1))),
+                    "iscrowd": int(a.get("iscrowd", 0)),
+                }
+                if "source_id" in a:
+                    ann["source_id"] = a["source_id"]
+                annotations.append(ann)
+        if ann_by_image:
+            raise PreparedDataError(
+                f"split '{split}': annotations refer to image ids not in the split: {sorted(ann_by_image)[:5]}"
+            )
+        coco = {
+            "info": {"description": f"{name} {split} (rtcodetr prepared, format {FORMAT_VERSION})"},
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
+        path = out / f"{split}.json"
+        _write_json(path, coco, indent=None)
+        split_info[split] = {
+            "file": path.name,
+            "num_images": len(images),
+            "num_annotations": len(annotations),
+            "sha256": sha256_file(path),
+        }
+    _write_json(out / "label_map.json", label_map.to_json())
+    _write_json(out / "report.json", report)
+    _write_json(
+        out / "dataset.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "image_root": str(image_root),
+            "num_labels": label_map.num_labels,
+            "splits": split_info,
+            "sources": sources,
+            "settings": settings,
+        },
+    )
+    return PreparedData.load(out)
+
+
+def _write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """Write atomically (temp file + rename) so a killed run never leaves a half-written json behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent, separators=(",", ": ") if indent else (",", ":"), ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def iter_split_names(names: Iterable[str]) -> list[str]:
+    """Known splits first in canonical order, then any others."""
+    names = list(names)
+    return [s for s in SPLITS if s in names] + [s for s in names if s not in SPLITS]
