@@ -1,0 +1,382 @@
+"""One prediction interface for every model kind the evaluator compares.
+
+``Detector.predict(images)`` takes upright RGB PIL images and returns, per image, ``{"boxes": float32 [N, 4] xyxy
+in that image's pixels, "scores": float32 [N], "labels": int64 [N] in 0..K-1}`` (CPU tensors). Kinds:
+
+* ``transformers``: any ``save_pretrained`` object-detection directory. Geometry and normalisation come from the
+  model's own image processor, boxes from its own ``post_process_object_detection`` with ``target_sizes`` = the
+  input images' sizes and ``threshold=0`` (every query the post-processor keeps: RT-DETR's top ``num_queries``,
+  Conditional DETR's top 100), as COCO AP needs the full ranked list.
+* ``ultralytics``: a YOLO ``.pt`` checkpoint or a model ``.yaml`` (random init, built with the dataset's number of
+  labels). Ultralytics' own letterbox + NMS with the settings in :data:`YOLO_SETTINGS`.
+* ``predictions``: a COCO detection-results file written by any other tool; accuracy only (no model to time).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rtcodetr.data.boxes import coco_xywh_to_xyxy
+
+# Ultralytics NMS for COCO evaluation (ultralytics' own `val` defaults: conf 0.001, IoU 0.7, 300 detections).
+YOLO_SETTINGS: dict[str, Any] = {"conf": 0.001, "iou": 0.7, "max_det": 300}
+DEFAULT_IMGSZ = 640
+
+
+def ultralytics_offline_env() -> None:
+    """Settings that keep ultralytics from reaching the network or writing into the user's home.
+
+    ``YOLO_OFFLINE`` stops hub/version checks, ``YOLO_AUTOINSTALL=False`` stops pip installs of missing extras, and a
+    private ``YOLO_CONFIG_DIR`` keeps its settings file out of ``~/.config``. Must run before ``import ultralytics``.
+    """
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
+    if "YOLO_CONFIG_DIR" not in os.environ:
+        os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="rtcodetr-yolo-cfg-")
+
+
+def _check_device(device: str, half: bool) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{device}' requested but CUDA is not available on this machine")
+    if half and dev.type != "cuda":
+        raise ValueError("--half (fp16) is only supported on a CUDA device")
+    return dev
+
+
+def _check_names(source: str, names: Sequence[str], label_map: Any) -> None:
+    if label_map is None:  # no dataset to check against: trust the model's own class order
+        return
+    expected = list(label_map.names)
+    if list(names) != expected:
+        raise ValueError(
+            f"{source}: the model's classes {list(names)[:8]}{'…' if len(names) > 8 else ''} ({len(names)}) are not "
+            f"the dataset's labels in label order {expected[:8]}{'…' if len(expected) > 8 else ''} ({len(expected)})"
+        )
+
+
+class Detector:
+    """Base class: a named model that predicts boxes in original-image pixels."""
+
+    kind: str = "?"
+
+    def __init__(self, name: str, path: str | Path, device: str = "cpu", half: bool = False) -> None:
+        self.name = name
+        self.path = Path(path)
+        self.device = _check_device(device, half)
+        self.half = half
+
+    @property
+    def can_time(self) -> bool:
+        return True
+
+    def predict(self, images: Sequence[Image.Image]) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def module(self) -> torch.nn.Module:
+        """The network whose parameters and FLOPs are reported."""
+        raise NotImplementedError
+
+    def forward_input(self, image: Image.Image, size_hw: tuple[int, int]) -> Any:
+        """A ready batch-1 network input for ``image`` resized to ``size_hw``, on the device (forward-only timing)."""
+        raise NotImplementedError
+
+    def forward(self, inputs: Any) -> Any:
+        raise NotImplementedError
+
+    def predict_at(self, images: Sequence[Image.Image], size_hw: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+        """End-to-end prediction with the network input forced to ``size_hw`` (latency at a stated size)."""
+        raise NotImplementedError
+
+    def latency_size(self, imgsz: int | None) -> tuple[int, int]:
+        """The fixed input size latency and FLOPs are measured at."""
+        raise NotImplementedError
+
+    def protocol(self) -> dict[str, Any]:
+        """How predictions are made (geometry, post-processing), for the report."""
+        return {"kind": self.kind}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class TransformersDetector(Detector):
+    """A ``save_pretrained`` transformers object-detection model with its own image processor."""
+
+    kind = "transformers"
+
+    def __init__(self, name: str, path: str | Path, label_map: Any, device: str = "cpu", half: bool = False,
+                 imgsz: int | None = None) -> None:
+        super().__init__(name, path, device, half)
+        from rtcodetr.models import load_model, model_family, processor_geometry
+
+        self.model, self.processor = load_model(path)
+        id2label = self.model.config.id2label
+        _check_names(str(path), [id2label[i] for i in range(len(id2label))], label_map)
+        self.family = model_family(self.model)
+        self.geometry = processor_geometry(self.processor)
+        # --imgsz overrides a fixed-size processor (RT-DETR); shortest-edge processors keep their own geometry
+        # for accuracy (their input size depends on the image) and use imgsz only for latency / FLOPs.
+        self.size_override: dict[str, int] | None = None
+        if imgsz is not None and self.geometry["mode"] == "fixed":
+            self.size_override = {"height": int(imgsz), "width": int(imgsz)}
+        self.imgsz = imgsz
+        self.model.to(self.device)
+        if half:
+            self.model.half()
+        self.model.eval()
+
+    def _inputs(self, images: Sequence[Image.Image], size: Mapping[str, int] | None) -> dict[str, torch.Tensor]:
+        kwargs = {"size": dict(size)} if size else {}
+        batch = self.processor(images=list(images), return_tensors="pt", **kwargs)
+        out = {}
+        for k, v in batch.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            v = v.to(self.device, non_blocking=True)
+            if self.half and v.is_floating_point():
+                v = v.half()
+            out[k] = v
+        return out
+
+    def _post(self, outputs: Any, images: Sequence[Image.Image]) -> list[dict[str, torch.Tensor]]:
+        if self.half:  # post-process in fp32: sigmoid/top-k on fp16 logits loses ranking resolution
+            outputs.logits = outputs.logits.float()
+            outputs.pred_boxes = outputs.pred_boxes.float()
+        sizes = torch.tensor([[im.height, im.width] for im in images], dtype=torch.float32, device=outputs.logits.device)
+        results = self.processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
+        return [
+            {
+                "boxes": r["boxes"].float().cpu(),
+                "scores": r["scores"].float().cpu(),
+                "labels": r["labels"].long().cpu(),
+            }
+            for r in results
+        ]
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[Image.Image]) -> list[dict[str, torch.Tensor]]:
+        outputs = self.model(**self._inputs(images, self.size_override))
+        return self._post(outputs, images)
+
+    @torch.inference_mode()
+    def predict_at(self, images: Sequence[Image.Image], size_hw: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+        outputs = self.model(**self._inputs(images, {"height": size_hw[0], "width": size_hw[1]}))
+        return self._post(outputs, images)
+
+    def module(self) -> torch.nn.Module:
+        return self.model
+
+    def forward_input(self, image: Image.Image, size_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return self._inputs([image], {"height": size_hw[0], "width": size_hw[1]})
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> Any:
+        return self.model(**inputs)
+
+    def latency_size(self, imgsz: int | None) -> tuple[int, int]:
+        if self.size_override:
+            return (self.size_override["height"], self.size_override["width"])
+        if self.geometry["mode"] == "fixed":
+            return tuple(self.geometry["size_hw"])
+        return (imgsz or DEFAULT_IMGSZ, imgsz or DEFAULT_IMGSZ)
+
+    def protocol(self) -> dict[str, Any]:
+        geom = dict(self.geometry)
+        if self.size_override:
+            geom = {**geom, "size_hw": (self.size_override["height"], self.size_override["width"]),
+                    "overridden_by_imgsz": True}
+        return {
+            "kind": self.kind,
+            "family": self.family,
+            "architecture": type(self.model).__name__,
+            "input_geometry": geom,
+            "post_processing": f"{type(self.processor).__name__}.post_process_object_detection, threshold 0, "
+                               "the post-processor's own top-k, target_sizes = original image sizes",
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class UltralyticsDetector(Detector):
+    """An ultralytics YOLO checkpoint (``.pt``) or model definition (``.yaml``, random init with K classes)."""
+
+    kind = "ultralytics"
+
+    def __init__(self, name: str, path: str | Path, label_map: Any, device: str = "cpu", half: bool = False,
+                 imgsz: int | None = None, settings: Mapping[str, Any] | None = None) -> None:
+        super().__init__(name, path, device, half)
+        ultralytics_offline_env()
+        from ultralytics import YOLO
+
+        self.settings = {**YOLO_SETTINGS, **(settings or {})}
+        spec = str(path)
+        is_yaml = spec.endswith((".yaml", ".yml"))
+        if not is_yaml and not Path(spec).is_file():
+            raise FileNotFoundError(f"YOLO checkpoint {spec} not found (ultralytics would try to download it)")
+        self.yolo = YOLO(spec, task="detect")
+        if is_yaml:
+            if label_map is None:
+                raise ValueError(f"{spec}: building a YOLO model from a yaml needs the dataset's label map")
+            # A model definition: rebuild it with the dataset's classes (the yaml's nc is COCO's 80).
+            from ultralytics.nn.tasks import DetectionModel
+
+            cfg = self.yolo.model.yaml
+            model = DetectionModel({**cfg, "nc": label_map.num_labels}, nc=label_map.num_labels, verbose=False)
+            model.names = dict(enumerate(label_map.names))
+            model.args, model.task = self.yolo.model.args, "detect"
+            self.yolo.model = model
+        names = self.yolo.names
+        _check_names(spec, [names[i] for i in range(len(names))], label_map)
+        train_args = getattr(self.yolo.model, "args", None) or {}
+        trained_size = train_args.get("imgsz") if isinstance(train_args, Mapping) and not is_yaml else None
+        self.imgsz = int(imgsz or (trained_size if isinstance(trained_size, int) else DEFAULT_IMGSZ))
+        self._net: torch.nn.Module | None = None
+
+    def _predict(self, images: Sequence[Image.Image], imgsz: int | tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+        extra = {"half": True} if self.half else {}  # passing half=False still triggers a deprecation warning
+        results = self.yolo.predict(
+            list(images), imgsz=imgsz, device=str(self.device), verbose=False, save=False, **extra, **self.settings,
+        )
+        out = []
+        for r in results:
+            b = r.boxes
+            out.append({
+                "boxes": b.xyxy.float().cpu(),
+                "scores": b.conf.float().cpu(),
+                "labels": b.cls.long().cpu(),  # names checked equal to the label map, so class index == label
+            })
+        return out
+
+    def predict(self, images: Sequence[Image.Image]) -> list[dict[str, torch.Tensor]]:
+        return self._predict(images, self.imgsz)
+
+    def predict_at(self, images: Sequence[Image.Image], size_hw: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+        return self._predict(images, tuple(size_hw))
+
+    def module(self) -> torch.nn.Module:
+        # parameters and FLOPs of the network as ultralytics runs it (Conv+BN fused), like its own model summary
+        return self._network()
+
+    def _network(self) -> torch.nn.Module:
+        """The network exactly as ultralytics runs it (BN fused, eval, fp16 if asked): its predictor's backend."""
+        if self._net is None:
+            if self.yolo.predictor is None:
+                blank = Image.new("RGB", (self.imgsz, self.imgsz))
+                self._predict([blank], self.imgsz)
+            backend = self.yolo.predictor.model  # AutoBackend; ultralytics 8.4 keeps the torch net in .backend.model
+            net = getattr(getattr(backend, "backend", None), "model", None)
+            if not isinstance(net, torch.nn.Module):
+                net = getattr(backend, "model", None)
+            self._net = net if isinstance(net, torch.nn.Module) else self.yolo.model
+        return self._net
+
+    def forward_input(self, image: Image.Image, size_hw: tuple[int, int]) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(image.convert("RGB").resize((size_hw[1], size_hw[0])), dtype=np.float32))
+        x = (x / 255.0).permute(2, 0, 1)[None].contiguous().to(self.device)
+        return x.half() if self.half else x
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor) -> Any:
+        return self._network()(inputs)
+
+    def latency_size(self, imgsz: int | None) -> tuple[int, int]:
+        s = imgsz or self.imgsz
+        return (s, s)
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "architecture": str(self.yolo.model.yaml.get("yaml_file", "")) if hasattr(self.yolo.model, "yaml") else "",
+            "input_geometry": {"mode": "letterbox", "imgsz": self.imgsz},
+            "post_processing": f"ultralytics NMS conf {self.settings['conf']}, IoU {self.settings['iou']}, "
+                               f"max_det {self.settings['max_det']}",
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class PredictionsFile(Detector):
+    """A COCO detection-results file (``[{"image_id", "category_id", "bbox" xywh, "score"}, ...]``)."""
+
+    kind = "predictions"
+
+    def __init__(self, name: str, path: str | Path, label_map: Any) -> None:
+        super().__init__(name, path, "cpu", False)
+        try:
+            records = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read COCO results file {path}: {e}") from e
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: a COCO results file must be a JSON list of detections")
+        label_of = {int(c): i for i, c in enumerate(np.asarray(label_map.category_ids).tolist())}
+        grouped: dict[int, list[tuple[list[float], float, int]]] = {}
+        for j, r in enumerate(records):
+            for key in ("image_id", "category_id", "bbox", "score"):
+                if key not in r:
+                    raise ValueError(f"{path}: record {j} has no '{key}' field")
+            if int(r["category_id"]) not in label_of:
+                raise ValueError(f"{path}: record {j} field 'category_id' = {r['category_id']} is not a category "
+                                 f"of the dataset (valid: {sorted(label_of)})")
+            bbox = r["bbox"]
+            if len(bbox) != 4 or not all(math.isfinite(float(v)) for v in bbox) or not math.isfinite(float(r["score"])):
+                raise ValueError(f"{path}: record {j} field 'bbox'/'score' is not 4 finite numbers / a finite number")
+            grouped.setdefault(int(r["image_id"]), []).append(
+                ([float(v) for v in bbox], float(r["score"]), label_of[int(r["category_id"])])
+            )
+        self._by_image = grouped
+        self.num_records = len(records)
+
+    @property
+    def can_time(self) -> bool:
+        return False
+
+    def predictions_for(self, image_id: int) -> dict[str, torch.Tensor]:
+        """Detections of one image (possibly none) in the internal xyxy form."""
+        rows = self._by_image.get(int(image_id), [])
+        xywh = torch.tensor([r[0] for r in rows], dtype=torch.float32).reshape(-1, 4)
+        return {
+            "boxes": coco_xywh_to_xyxy(xywh),
+            "scores": torch.tensor([r[1] for r in rows], dtype=torch.float32),
+            "labels": torch.tensor([r[2] for r in rows], dtype=torch.int64),
+        }
+
+    def image_ids(self) -> set[int]:
+        return set(self._by_image)
+
+    def protocol(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source": str(self.path), "detections": self.num_records}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def detector_kind(path: str | Path) -> str:
+    """``"ultralytics"`` for ``.pt``/``.yaml``, ``"transformers"`` for a directory with ``config.json``."""
+    p = Path(path)
+    if p.suffix in (".pt", ".yaml", ".yml"):
+        return "ultralytics"
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return "transformers"
+        raise ValueError(f"{p}: a directory without config.json is not a save_pretrained model")
+    if p.suffix == ".json":
+        raise ValueError(f"{p}: a .json file is a COCO results file; pass it with --predictions NAME={p}")
+    raise ValueError(f"{p}: expected a save_pretrained directory, an ultralytics .pt checkpoint or a .yaml")
+
+
+def load_detector(path: str | Path, device: str = "cpu", half: bool = False, *, label_map: Any = None,
+                  name: str | None = None, imgsz: int | None = None,
+                  yolo_settings: Mapping[str, Any] | None = None) -> Detector:
+    """Build the right :class:`Detector` for ``path`` (see :func:`detector_kind`).
+
+    With ``label_map`` (the dataset's :class:`~rtcodetr.data.LabelMap`) a model whose classes are not the dataset's
+    labels in label order is refused rather than scored against the wrong categories; a YOLO ``.yaml`` needs it to
+    know how many classes to build.
+    """
+    name = name or Path(path).stem
+    kind = detector_kind(path)
+    if kind == "ultralytics":
+        return UltralyticsDetector(name, path, label_map, device, half, imgsz, yolo_settings)
+    return TransformersDetector(name, path, label_map, device, half, imgsz)
