@@ -1,0 +1,819 @@
+"""Train an RT-DETR student (or fine-tune a Conditional DETR teacher) with Accelerate, streaming the teacher cache.
+
+    accelerate launch -m rtcodetr.train_student --config configs/distill.yaml data=DATA model=MODEL cache=CACHE out=RUN
+
+Read top to bottom, ``run`` is the whole story: data -> model (+ 1x1 adapters: one module) -> criterion -> optimizer
+-> an explicit loop (forward, weighted loss sum, backward, clip, step, EMA) with checkpoints, validation and logs.
+Without a cache (or with every distillation weight 0) it is plain training: the baseline, and the teacher fine-tune.
+
+Run directory: ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON object per logged step / evaluation),
+``tensorboard/``, ``checkpoints/step_N/`` (``accelerator.save_state`` + ``train_state.json`` + ``ema.safetensors``),
+``best/`` and ``final/`` (the student alone: ``save_pretrained`` + image-processor config), ``results.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from rtcodetr.config import ConfigError, config_to_dict, load_config, save_config, split_overrides
+from rtcodetr.data.transforms import AugmentConfig
+
+# ----------------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class OptimConfig:
+    """Official RT-DETR recipe by default: AdamW 1e-4 (backbone 1e-5), wd 1e-4 (none on norms/biases), linear warm-up,
+    grad-norm clip 0.1, EMA 0.9999 with warm-up."""
+
+    lr: float = 1e-4
+    backbone_lr: float = 1e-5
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 2000
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak
+    clip_grad_norm: float = 0.1  # 0 disables clipping
+    ema: bool = True
+    ema_decay: float = 0.9999
+    ema_warmup: int = 2000  # decay_t = decay * (1 - exp(-t / ema_warmup)), as in RT-DETR's ModelEMA
+
+
+@dataclass
+class FreezeConfig:
+    """What trains in the backbone (everything else always trains). RT-DETR's official recipe trains the backbone
+    with frozen BatchNorm; a from-scratch model (or the Conditional DETR fine-tune) needs trainable BatchNorm."""
+
+    backbone: bool = True
+    backbone_batchnorm: bool = False
+
+
+@dataclass
+class LossConfig:
+    """One weight per loss; a weight of 0 removes that loss (and its cache reads) entirely."""
+
+    detection_weight: float = 1.0  # the model's own DETR loss against ground truth (already internally weighted)
+    feature_weight: float = 0.0
+    feature_source: Literal["encoder", "backbone"] = "encoder"  # which student map at stride 32
+    teacher_feature: Literal["encoder", "backbone"] = "encoder"  # which cached teacher map
+    feature_loss: Literal["mse", "pkd", "cosine"] = "mse"
+    feature_fg_weight: float = 0.0  # extra weight on cells whose centre lies in a GT box (0: uniform)
+    prediction_weight: float = 0.0  # multiplies the three parts below
+    pred_class_weight: float = 1.0
+    pred_l1_weight: float = 5.0
+    pred_giou_weight: float = 2.0
+    match_class_cost: float = 2.0
+    match_l1_cost: float = 5.0
+    match_giou_cost: float = 2.0
+    topk: int = 100  # teacher predictions per image (by confidence) used as distillation targets
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # prepared dataset directory (rtcodetr data ...)
+    model: str = ""  # save_pretrained model directory (rtcodetr init-model, or a fine-tuned run's best/)
+    cache: str | None = None  # teacher cache (zarr path / fsspec URL); None: no distillation
+    out: str = "runs/train"
+    train_split: str = "train"
+    val_split: str = "val"
+    epochs: int = 72
+    max_steps: int | None = None  # optimizer steps; wins over epochs
+    batch_size: int = 4  # per process
+    grad_accum_steps: int = 1
+    num_workers: int = 2
+    seed: int = 0
+    image_size: tuple[int, int] | None = None  # (h, w); None: the model's own processor geometry
+    draft_size: int | None = None  # JPEG draft decoding (faster loading of large photos)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    cpu: bool = False
+    eval_every: int = 1  # epochs between validations (0: only at the end)
+    eval_every_steps: int = 0  # steps between validations (0: off)
+    eval_batch_size: int | None = None
+    max_detections: int = 100
+    checkpoint_every: int = 0  # steps between checkpoints (epoch ends always checkpoint); 0: epoch ends only
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "auto" (latest checkpoint in out/, if any) or a checkpoint directory
+    stop_after_steps: int | None = None  # stop (checkpointed) after this many steps without changing the schedule
+    log_every: int = 10
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    find_unused_parameters: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+# ------------------------------------------------------------------------------------------ model + adapters, EMA
+
+
+class StudentWithAdapters(nn.Module):
+    """The trainable thing: the HF student plus the 1x1 feature adapter, one module for ``accelerator.prepare``.
+
+    ``forward`` returns (HF outputs, adapted student map ``[B, Ct, Hs, Ws]`` or None). The adapter maps the student's
+    stride-32 map (``feature_source``) to the teacher's channel count; it is not part of the saved student.
+    """
+
+    def __init__(self, student: nn.Module, feature_source: str | None = None, teacher_channels: int | None = None):
+        super().__init__()
+        self.student = student
+        self.feature_source = feature_source
+        self.adapter: nn.Module | None = None
+        if feature_source is not None:
+            from rtcodetr.features import feature_channels
+
+            cin = feature_channels(student)[feature_source]
+            self.adapter = nn.Conv2d(cin, int(teacher_channels), kernel_size=1)
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None, labels=None):
+        if self.adapter is None:
+            return self.student(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels), None
+        from rtcodetr.features import FeatureTap
+
+        with FeatureTap(self.student, names=(self.feature_source,)) as tap:
+            outputs = self.student(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+        return outputs, self.adapter(tap.features[self.feature_source])
+
+
+class ModelEMA:
+    """Exponential moving average of the student's weights (RT-DETR ``ModelEMA``): ``decay_t = decay (1 - e^{-t/w})``.
+
+    Floating-point parameters and buffers are averaged; integer buffers are copied. Saved as safetensors.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: int):
+        import copy
+
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / max(self.warmup, 1)))
+        src = model.state_dict()
+        for k, v in self.module.state_dict().items():
+            s = src[k].detach()
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(s.to(v.dtype), alpha=1 - d)
+            else:
+                v.copy_(s)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
+        # tied / shared tensors must not be saved twice by safetensors
+        seen, unique = {}, {}
+        for k, v in state.items():
+            key = (v.data_ptr(), v.shape, v.dtype) if v.numel() else (k,)
+            if key not in seen:
+                seen[key] = k
+                unique[k] = v
+        save_file(unique, str(path), metadata={"updates": str(self.updates)})
+
+    def load(self, path: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            self.updates = int(f.metadata()["updates"])
+        missing = self.module.load_state_dict(state, strict=False).missing_keys
+        own = self.module.state_dict()
+        for k in missing:  # shared tensors stored once: nothing to do unless truly absent
+            if not any(own[k].data_ptr() == own[j].data_ptr() for j in state):
+                raise RuntimeError(f"EMA checkpoint {path} lacks tensor '{k}'")
+
+
+# ------------------------------------------------------------------------------------------------------ criterion
+
+
+class DistillCriterion(nn.Module):
+    """Named, unweighted losses: ``detection`` (the model's own), ``feature``, ``pred_class``/``pred_l1``/``pred_giou``.
+
+    The teacher side comes from the batch (cache rows), never requires grad, and is moved to the student's frame
+    here: boxes were moved by the affine in the workers, feature maps are resampled now, on the device.
+    """
+
+    def __init__(self, cfg: LossConfig, use_features: bool, use_predictions: bool, teacher_stride: float = 32.0,
+                 student_stride: float = 32.0):
+        super().__init__()
+        from rtcodetr.train_student.losses import DistillMatcher, FeatureDistillLoss, PredictionDistillLoss
+
+        self.cfg = cfg
+        self.use_features, self.use_predictions = use_features, use_predictions
+        self.teacher_stride, self.student_stride = teacher_stride, student_stride
+        self.feature_loss = FeatureDistillLoss(cfg.feature_loss) if use_features else None
+        self.prediction_loss = PredictionDistillLoss(
+            DistillMatcher(cfg.match_class_cost, cfg.match_l1_cost, cfg.match_giou_cost)) if use_predictions else None
+
+    def forward(self, outputs, student_map: torch.Tensor | None, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        from rtcodetr.train_student.losses import PredictionTargets, foreground_weights, split_denoising
+        from rtcodetr.train_student.resample import resample_teacher_features
+
+        losses = {"detection": outputs.loss}
+        if self.use_features:
+            teacher_map, mask = resample_teacher_features(
+                batch[f"teacher_{self.cfg.teacher_feature}"], batch["affine"], batch["orig_size"],
+                batch["teacher_input_hw"], batch["teacher_valid"], batch["size"], tuple(student_map.shape[-2:]),
+                self.teacher_stride, self.student_stride)
+            weights = None
+            if self.cfg.feature_fg_weight > 0:
+                weights = foreground_weights([t["boxes"] for t in batch["targets"]], tuple(student_map.shape[-2:]),
+                                             self.student_stride, self.cfg.feature_fg_weight, student_map.device)
+            losses["feature"] = self.feature_loss(student_map, teacher_map, mask, weights)
+        if self.use_predictions:
+            logits, boxes = split_denoising(outputs)
+            targets = [PredictionTargets(probs=t["teacher_probs"], boxes=t["teacher_boxes_cxcywh"],
+                                         weight=t["teacher_weight"]) for t in batch["targets"]]
+            losses.update(self.prediction_loss(logits, boxes, targets))
+        return losses
+
+
+def build_weight_dict(cfg: LossConfig) -> dict[str, float]:
+    """The one place where loss weights live (raw losses times these are summed)."""
+    return {
+        "detection": cfg.detection_weight,
+        "feature": cfg.feature_weight,
+        "pred_class": cfg.prediction_weight * cfg.pred_class_weight,
+        "pred_l1": cfg.prediction_weight * cfg.pred_l1_weight,
+        "pred_giou": cfg.prediction_weight * cfg.pred_giou_weight,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- post-processor
+
+
+class PostProcess:
+    """Model outputs -> detections in original-image pixels for the evaluator (sigmoid top-k over queries x classes,
+    as RT-DETR and Conditional DETR both score with sigmoids).
+
+    logits ``[B, Q, K]``, boxes ``[B, Q, 4]`` normalized cxcywh of each unpadded current image ``size`` ``[B, 2]``
+    (h, w); ``affine`` ``[B, 3, 3]`` original -> current. Output boxes: float32 xyxy, original pixels.
+    """
+
+    def __init__(self, max_detections: int = 100):
+        self.max_detections = max_detections
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, boxes: torch.Tensor, size: torch.Tensor, affine: torch.Tensor,
+                 image_ids: Sequence[int]) -> list[dict[str, Any]]:
+        from rtcodetr.data.boxes import cxcywh_normalized_to_xyxy
+        from rtcodetr.data.transforms import boxes_to_original
+
+        b, q, k = logits.shape
+        scores = logits.float().sigmoid().flatten(1)
+        n = min(self.max_detections, q * k)
+        top_scores, top_idx = scores.topk(n, dim=1)
+        out = []
+        for i in range(b):
+            qi = top_idx[i] // k
+            labels = top_idx[i] % k
+            xyxy = cxcywh_normalized_to_xyxy(boxes[i, qi].float(), (int(size[i, 0]), int(size[i, 1])))
+            orig = boxes_to_original(xyxy.cpu(), affine[i].cpu())
+            out.append({"image_id": int(image_ids[i]), "boxes": orig, "scores": top_scores[i].cpu(),
+                        "labels": labels.cpu()})
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------ data order
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """This process's batches of a seeded per-epoch permutation, optionally starting mid-epoch.
+
+    The permutation depends only on ``(seed, epoch)``; batch ``j`` of the epoch goes to process ``j % world``. With
+    ``start_batch`` the first global batches are skipped, so a resumed run sees exactly the batches the
+    uninterrupted one would have seen (``accelerator.skip_first_batches`` cannot promise that once the prepared
+    loader's own epoch counter and RNG synchronisation are involved). Incomplete last batches are dropped.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 shuffle: bool = True):
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world, self.shuffle = rank, world, shuffle
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_process(self) -> int:
+        return (self.num_samples // self.batch_size) // self.world
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        n = self.batches_per_process() * self.world
+        for j in range(self.start_batch * self.world, n):
+            if j % self.world == self.rank:
+                yield order[j * self.batch_size:(j + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        return self.batches_per_process() - self.start_batch
+
+
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """Validation images for this process: a strided shard, no padding (the evaluator gathers them)."""
+    return list(range(rank, n, world))
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+
+
+def param_groups(net: StudentWithAdapters, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """AdamW groups: backbone / rest x decay / no-decay (no weight decay on norms, biases and embeddings' norms)."""
+    backbone_ids = {id(p) for p in net.student.model.backbone.parameters()}
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    no_decay_ids = set()
+    for module in net.modules():
+        if isinstance(module, norm_types) or "Norm" in type(module).__name__:
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = id(p) in no_decay_ids or name.endswith(".bias") or p.ndim <= 1
+        groups.setdefault((id(p) in backbone_ids, no_decay), []).append(p)
+    out = []
+    for (is_backbone, no_decay), params in sorted(groups.items()):
+        out.append({"params": params, "lr": cfg.backbone_lr if is_backbone else cfg.lr,
+                    "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+                    "name": f"{'backbone' if is_backbone else 'rest'}{'/no_decay' if no_decay else ''}"})
+    return out
+
+
+def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
+    """Multiplier of each group's peak lr at optimizer step ``step`` (0-based): linear warm-up, then constant/cosine."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        t = (step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return 1.0
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class TrainState:
+    """Where the loop is; written as JSON next to ``accelerator.save_state``."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # this process's micro-batches done in ``epoch``
+    best_map: float = -1.0
+    best_step: int = -1
+
+
+def find_checkpoint(out: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "train_state.json").is_file():
+            raise ConfigError(f"resume={resume}: not a checkpoint directory (no train_state.json)")
+        return path
+    ckpts = sorted((p for p in (out / "checkpoints").glob("step_*") if (p / "train_state.json").is_file()),
+                   key=lambda p: int(p.name.split("_")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss part is NaN/inf; the message names the step, the batch's image ids and every loss part."""
+
+
+# -------------------------------------------------------------------------------------------------------- helpers
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    from accelerate.utils import send_to_device
+
+    return send_to_device(batch, device, non_blocking=True)
+
+
+def _normalized_teacher_boxes(batch: dict[str, Any]) -> None:
+    """The model boundary for teacher boxes: abs xyxy (current frame) -> normalized cxcywh, like the GT labels."""
+    from rtcodetr.data.boxes import xyxy_to_cxcywh_normalized
+
+    for t in batch["targets"]:
+        if "teacher_boxes" in t:
+            size = (int(t["size"][0]), int(t["size"][1]))
+            t["teacher_boxes_cxcywh"] = xyxy_to_cxcywh_normalized(t["teacher_boxes"].float(), size).float()
+
+
+def _apply_multiscale(batch: dict[str, Any], size_hw: tuple[int, int]) -> None:
+    """Resize the batch on the device; normalized boxes are unchanged, sizes and affines follow the resize."""
+    from rtcodetr.data.transforms import resize_batch
+
+    images, targets = resize_batch(batch["pixel_values"], batch["targets"], size_hw)
+    batch["pixel_values"] = images
+    batch["pixel_mask"] = torch.ones(images.shape[0], *images.shape[-2:], dtype=torch.int64, device=images.device)
+    for old, new in zip(batch["targets"], targets):
+        for key in ("teacher_boxes_cxcywh", "teacher_probs", "teacher_weight"):
+            if key in old:
+                new[key] = old[key]
+    batch["targets"] = targets
+    batch["affine"] = torch.stack([torch.as_tensor(t["affine"], dtype=torch.float64, device=images.device)
+                                   for t in targets])
+    batch["size"] = torch.stack([torch.as_tensor(t["size"], device=images.device).long() for t in targets])
+
+
+def _check_label_maps(model, data, where: str) -> None:
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    names = [id2label.get(i) for i in range(len(id2label))]
+    if len(names) != data.label_map.num_labels or names != list(data.label_map.names):
+        raise ConfigError(
+            f"{where}: the model's id2label ({len(names)} labels: {names[:5]}...) does not match the dataset's "
+            f"label_map.json ({data.label_map.num_labels} labels: {list(data.label_map.names)[:5]}...); build the "
+            f"model for this dataset with `rtcodetr init-model --data {data.root}`")
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf (e.g. the AP of an absent size class) -> None, so the JSON files stay strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _scalar(v: torch.Tensor | float) -> float:
+    return float(v.detach().float().item()) if torch.is_tensor(v) else float(v)
+
+
+# ---------------------------------------------------------------------------------------------------------- run
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train; return ``{"final", "best", "best_map", "best_step", "steps", "metrics", "val_history", "run_dir"}``."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    from rtcodetr.data.prepared import PreparedData
+    from rtcodetr.data.dataset import CocoDetection
+    from rtcodetr.data.transforms import build_transforms, pick_multiscale_size
+    from rtcodetr.evaluate.coco_eval import CocoEvaluator
+    from rtcodetr.models import processor_geometry, load_model, set_trainable
+    from rtcodetr.train_student.distill_data import DistillDataset, collate
+
+    if not cfg.data or not cfg.model:
+        raise ConfigError("train: both data=DATA_DIR and model=MODEL_DIR are required")
+    out = Path(cfg.out)
+    lcfg = cfg.loss
+    use_pred = bool(cfg.cache) and lcfg.prediction_weight > 0
+    use_feat = bool(cfg.cache) and lcfg.feature_weight > 0
+    if not cfg.cache and (lcfg.prediction_weight > 0 or lcfg.feature_weight > 0):
+        raise ConfigError("loss.prediction_weight / loss.feature_weight > 0 need a teacher cache: set cache=CACHE "
+                          "(or set both weights to 0 for a plain run)")
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, log_with=list(cfg.log_with) or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
+    )
+    main = accelerator.is_main_process
+    log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
+    set_seed(cfg.seed)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    # ---- data, model
+    data = PreparedData.load(cfg.data)
+    model, processor = load_model(cfg.model)
+    _check_label_maps(model, data, f"model {cfg.model}")
+    for line in set_trainable(model, backbone=cfg.freeze.backbone, backbone_batchnorm=cfg.freeze.backbone_batchnorm):
+        log(f"[train] {line}")
+    geometry = processor_geometry(processor)
+    image_size: Any = tuple(cfg.image_size) if cfg.image_size else {k: v for k, v in geometry.items()
+                                                                    if k in ("mode", "size_hw", "shortest_edge",
+                                                                             "longest_edge")}
+    normalize = geometry["normalize"]
+
+    cache = None
+    teacher_channels = None
+    if use_pred or use_feat:
+        from rtcodetr.cache_teacher import TeacherCache
+
+        tensors = (["logits", "boxes"] if use_pred else []) + ([lcfg.teacher_feature] if use_feat else [])
+        cache = TeacherCache(cfg.cache, data=data, split=cfg.train_split, tensors=tensors)
+        if use_pred and not cache.label_map_matches(data.label_map):
+            raise ConfigError(
+                f"cache {cfg.cache}: its teacher label map differs from the student's (dataset {data.root}); the "
+                "prediction loss would compare unrelated classes and is refused. Fine-tune the teacher on this "
+                "dataset first, or set loss.prediction_weight=0 (feature distillation is still allowed)")
+        if use_feat:
+            shape = cache.manifest["tensors"][lcfg.teacher_feature]["shape"]
+            teacher_channels = int(shape[1])
+        teacher_stride = float(cache.manifest.get("geometry", {}).get("stride", 32))
+    else:
+        teacher_stride = 32.0
+
+    train_base = CocoDetection(data, cfg.train_split, build_transforms(True, image_size, cfg.aug, normalize),
+                               draft_size=cfg.draft_size)
+    val_base = CocoDetection(data, cfg.val_split, build_transforms(False, image_size, None, normalize),
+                             draft_size=cfg.draft_size)
+    train_set = DistillDataset(train_base, cache, predictions=use_pred,
+                               features=(lcfg.teacher_feature,) if use_feat else (), topk=lcfg.topk, seed=cfg.seed)
+    sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, accelerator.process_index,
+                                accelerator.num_processes)
+    if sampler.batches_per_process() < cfg.grad_accum_steps:
+        raise ConfigError(f"train split '{cfg.train_split}' has {len(train_set)} images: too few for batch_size="
+                          f"{cfg.batch_size} x grad_accum_steps={cfg.grad_accum_steps} x {accelerator.num_processes} "
+                          "processes")
+    loader_kwargs = dict(num_workers=cfg.num_workers, collate_fn=collate, pin_memory=accelerator.device.type == "cuda")
+    # Own generators: a DataLoader without one draws its worker base seed from the global RNG at every epoch, which
+    # would shift the model's denoising noise between an uninterrupted and a resumed run.
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler,
+                                               generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
+    val_subset = torch.utils.data.Subset(
+        DistillDataset(val_base), shard_indices(len(val_base), accelerator.process_index, accelerator.num_processes))
+    val_loader = torch.utils.data.DataLoader(val_subset, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                                             shuffle=False, generator=torch.Generator().manual_seed(cfg.seed),
+                                             **loader_kwargs)
+
+    # ---- the trainable module, criterion, optimizer
+    net = StudentWithAdapters(model, lcfg.feature_source if use_feat else None, teacher_channels)
+    net.train()
+    criterion = DistillCriterion(lcfg, use_feat, use_pred, teacher_stride=teacher_stride)
+    weight_dict = build_weight_dict(lcfg)
+    active = [k for k, w in weight_dict.items() if w != 0 and (k == "detection" or (k == "feature" and use_feat)
+                                                               or (k.startswith("pred_") and use_pred))]
+    log(f"[train] losses: {', '.join(f'{k} x {weight_dict[k]:g}' for k in active)}")
+    groups = param_groups(net, cfg.optim)
+    for g in groups:
+        log(f"[train] param group {g['name']}: {sum(p.numel() for p in g['params']) / 1e6:.3f}M params, "
+            f"lr {g['lr']:g}, weight decay {g['weight_decay']:g}")
+    frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
+    log(f"[train] frozen parameters: {frozen / 1e6:.3f}M")
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    net, optimizer = accelerator.prepare(net, optimizer)
+    unwrapped: StudentWithAdapters = accelerator.unwrap_model(net)
+    ema = ModelEMA(unwrapped.student, cfg.optim.ema_decay, cfg.optim.ema_warmup) if cfg.optim.ema else None
+    postprocess = PostProcess(cfg.max_detections)
+
+    steps_per_epoch = sampler.batches_per_process() // cfg.grad_accum_steps
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    state = TrainState()
+
+    # ---- resume
+    ckpt = find_checkpoint(out, cfg.resume)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        state = TrainState(**json.loads((ckpt / "train_state.json").read_text()))
+        if ema is not None and (ckpt / "ema.safetensors").is_file():
+            ema.load(ckpt / "ema.safetensors")
+        log(f"[train] resumed from {ckpt}: step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch}")
+
+    if main:
+        accelerator.init_trackers("train", config={k: v for k, v in _flat(config_to_dict(cfg)).items()})
+    metrics_file = out / "metrics.jsonl"
+
+    def write_metrics(record: dict[str, Any]) -> None:
+        if main:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(_json_safe(record)) + "\n")
+
+    # ---- validation, saving
+    @torch.no_grad()
+    def evaluate() -> dict[str, Any]:
+        eval_model = ema.module if ema is not None else unwrapped.student
+        was_training = eval_model.training
+        eval_model.eval()
+        evaluator = CocoEvaluator(data.split_file(cfg.val_split), data.label_map)
+        for batch in val_loader:
+            batch = _to_device(batch, accelerator.device)
+            with accelerator.autocast():
+                outputs = eval_model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+            evaluator.update(postprocess(outputs.logits, outputs.pred_boxes, batch["size"], batch["affine"],
+                                         batch["image_ids"]))
+        evaluator.synchronize(accelerator)
+        evaluator.accumulate()
+        summary = evaluator.summarize()
+        eval_model.train(was_training)
+        return summary
+
+    def save_model(dirname: str) -> Path:
+        target = out / dirname
+        if main:
+            tmp = out / f".{dirname}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            src = ema.module if ema is not None else unwrapped.student
+            src.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+        accelerator.wait_for_everyone()
+        return target
+
+    def checkpoint() -> Path:
+        path = out / "checkpoints" / f"step_{state.step}"
+        accelerator.save_state(str(path))
+        if main:
+            if ema is not None:
+                ema.save(path / "ema.safetensors")
+            (path / "train_state.json").write_text(json.dumps(asdict(state)))
+            ckpts = sorted((p for p in (out / "checkpoints").glob("step_*")), key=lambda p: int(p.name.split("_")[1]))
+            for old in ckpts[:-max(cfg.keep_checkpoints, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return path
+
+    val_history: list[dict[str, Any]] = []
+    last_eval_step = -1
+
+    def validate() -> None:
+        nonlocal last_eval_step
+        metrics = evaluate()
+        last_eval_step = state.step
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        record = {"type": "val", "step": state.step, "epoch": state.epoch, **scalars}
+        val_history.append(record)
+        write_metrics(record)
+        accelerator.log({f"val/{k}": v for k, v in scalars.items()}, step=state.step)
+        log(f"[train] step {state.step} val mAP {metrics['mAP']:.4f} mAP50 {metrics['mAP50']:.4f}")
+        if metrics["mAP"] > state.best_map:
+            state.best_map, state.best_step = float(metrics["mAP"]), state.step
+            save_model("best")
+
+    # ---- the loop
+    log(f"[train] {len(train_set)} train images, {len(val_base)} val images, {accelerator.num_processes} process(es), "
+        f"batch {cfg.batch_size} x accum {cfg.grad_accum_steps}, {steps_per_epoch} steps/epoch, {total_steps} steps")
+    bar = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    stop_at = min(total_steps, cfg.stop_after_steps) if cfg.stop_after_steps is not None else total_steps
+    ms_rng = random.Random()
+    t_last, images_since = time.time(), 0
+    running: dict[str, float] = {}
+    net.train()
+    while state.step < stop_at:
+        train_set.set_epoch(state.epoch)
+        sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+        for batch in train_loader:
+            if state.batch_in_epoch >= steps_per_epoch * cfg.grad_accum_steps:
+                break  # trailing micro-batches that cannot fill an accumulation window
+            batch = _to_device(batch, accelerator.device)
+            _normalized_teacher_boxes(batch)
+            ms_rng.seed(cfg.seed * 1_000_003 + state.step)
+            size_hw = pick_multiscale_size(cfg.aug, state.epoch, ms_rng)
+            if size_hw is not None:
+                _apply_multiscale(batch, size_hw)
+            sync = (state.batch_in_epoch + 1) % cfg.grad_accum_steps == 0
+            ctx = accelerator.no_sync(net) if not sync else contextlib.nullcontext()
+            with ctx:
+                with accelerator.autocast():
+                    outputs, student_map = net(batch["pixel_values"], batch["pixel_mask"], labels=batch["labels"])
+                    losses = criterion(outputs, student_map, batch)
+                loss = sum(losses[k] * weight_dict[k] for k in losses)
+                finite = torch.tensor([float(torch.isfinite(loss).all())], device=accelerator.device)
+                if accelerator.gather(finite).min() < 1:
+                    parts = {k: _scalar(v) for k, v in losses.items()}
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {state.step} (epoch {state.epoch}, micro-batch "
+                        f"{state.batch_in_epoch}) on process {accelerator.process_index}: image ids "
+                        f"{batch['image_ids']}, loss parts {parts}, weights {weight_dict}")
+                accelerator.backward(loss / cfg.grad_accum_steps)
+            state.batch_in_epoch += 1
+            images_since += batch["pixel_values"].shape[0] * accelerator.num_processes
+            for k, v in losses.items():
+                running[k] = running.get(k, 0.0) + _scalar(v) / cfg.grad_accum_steps
+            for k, v in (getattr(outputs, "loss_dict", None) or {}).items():
+                running[f"det/{k}"] = running.get(f"det/{k}", 0.0) + _scalar(v) / cfg.grad_accum_steps
+            if not sync:
+                continue
+
+            # -- optimizer step
+            factor = lr_factor(state.step, total_steps, cfg.optim)
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * factor
+            grad_norm = None
+            if cfg.optim.clip_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(net.parameters(), cfg.optim.clip_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(unwrapped.student)
+            state.step += 1
+            bar.update(1)
+
+            # -- logs: raw and weighted loss parts, learning rates, throughput
+            record: dict[str, Any] = {"type": "train", "step": state.step, "epoch": state.epoch}
+            for k, v in running.items():
+                record[f"loss/{k}"] = v
+                if k in weight_dict:
+                    record[f"weighted/{k}"] = v * weight_dict[k]
+            record["loss/total"] = sum(record.get(f"weighted/{k}", 0.0) for k in weight_dict)
+            for g in optimizer.param_groups:
+                record[f"lr/{g['name']}"] = g["lr"]
+            if grad_norm is not None:
+                record["grad_norm"] = _scalar(grad_norm)
+            running = {}
+            if state.step % max(cfg.log_every, 1) == 0 or state.step == 1 or state.step == stop_at:
+                now = time.time()
+                record["images_per_s"] = images_since / max(now - t_last, 1e-9)
+                t_last, images_since = now, 0
+                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "type"},
+                                step=state.step)
+                bar.set_postfix(loss=f"{record['loss/total']:.3f}")
+            write_metrics(record)
+
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                checkpoint()
+            if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
+                validate()
+            if state.step >= stop_at:
+                break
+        if state.batch_in_epoch >= steps_per_epoch * cfg.grad_accum_steps:  # the epoch is complete
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            if cfg.eval_every and state.epoch % cfg.eval_every == 0 and state.step != last_eval_step:
+                validate()
+            checkpoint()
+    bar.close()
+
+    interrupted = state.step < total_steps
+    if interrupted:
+        path = out / "checkpoints" / f"step_{state.step}"
+        if not (path / "train_state.json").is_file():
+            path = checkpoint()
+        log(f"[train] stopped at step {state.step} of {total_steps} (stop_after_steps); resume with resume=auto "
+            f"(checkpoint {path})")
+        accelerator.end_training()
+        return {"run_dir": str(out), "steps": state.step, "interrupted": True, "checkpoint": str(path),
+                "final": None, "best": None, "best_map": state.best_map, "best_step": state.best_step}
+
+    if last_eval_step != state.step:
+        validate()
+    final = save_model("final")
+    best = out / "best"
+    result = {
+        "run_dir": str(out), "steps": state.step, "epochs": state.epoch, "interrupted": False,
+        "final": str(final), "best": str(best) if best.is_dir() else None,
+        "best_map": state.best_map, "best_step": state.best_step,
+        "metrics": val_history[-1] if val_history else {}, "val_history": val_history,
+        "losses": active, "weight_dict": weight_dict, "num_processes": accelerator.num_processes,
+    }
+    if main:
+        (out / "results.json").write_text(json.dumps(_json_safe(result), indent=2))
+    log(f"[train] done: best mAP {state.best_map:.4f} at step {state.best_step}; final -> {final}")
+    accelerator.end_training()
+    return result
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flat scalar view of a nested config for TensorBoard's hparams (lists become strings)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = v
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags, overrides = split_overrides(argv)
+    parser = argparse.ArgumentParser(
+        prog="rtcodetr train",
+        description="Train a student (or fine-tune the teacher); key=value words override the config, e.g. "
+                    "data=DIR model=DIR cache=CACHE out=RUN max_steps=200 loss.feature_weight=0")
+    parser.add_argument("--config", help="YAML config (configs/baseline.yaml, configs/distill.yaml, ...)")
+    args = parser.parse_args(flags)
+    try:
+        cfg = load_config(TrainConfig, args.config, overrides)
+    except ConfigError as e:
+        print(f"rtcodetr train: {e}", file=sys.stderr)
+        return 2
+    result = run(cfg)
+    return 0 if result.get("final") or result.get("interrupted") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
