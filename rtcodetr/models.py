@@ -312,8 +312,8 @@ def _backbone(model: nn.Module) -> nn.Module:
     return backbone
 
 
-def _swap_batchnorm(root: nn.Module, to_trainable: bool) -> int:
-    """Replace frozen BN by ``TrainableBatchNorm2d`` (or plain BN by the model's frozen BN class); same statistics."""
+def _swap_batchnorm(root: nn.Module, to_trainable: bool, trainable_cls: type) -> int:
+    """Replace frozen BN by ``trainable_cls`` (or plain BN by the model's frozen BN class); same statistics."""
     frozen_cls = None
     if not to_trainable:
         frozen_cls = _frozen_bn_class(root)
@@ -321,7 +321,7 @@ def _swap_batchnorm(root: nn.Module, to_trainable: bool) -> int:
     for parent in root.modules():
         for name, child in list(parent.named_children()):
             if to_trainable and _is_frozen_bn(child):
-                new = TrainableBatchNorm2d(child.weight.shape[0]).to(child.weight.device, child.weight.dtype)
+                new = trainable_cls(child.weight.shape[0]).to(child.weight.device, child.weight.dtype)
             elif not to_trainable and isinstance(child, nn.BatchNorm2d):
                 new = frozen_cls(child.num_features).to(child.weight.device, child.weight.dtype)
             else:
@@ -358,21 +358,26 @@ def set_trainable(model: nn.Module, *, backbone: bool, backbone_batchnorm: bool)
 
     - ``backbone=True`` makes every backbone parameter trainable (this undoes Conditional DETR's accidental
       full-backbone freeze); ``False`` freezes them all.
-    - ``backbone_batchnorm=True`` replaces the frozen BatchNorm modules of the backbone by ``TrainableBatchNorm2d``
+    - ``backbone_batchnorm=True`` replaces the frozen BatchNorm modules of the backbone by trainable BatchNorm
       carrying the same weight, bias and running statistics (trainable only when ``backbone`` is true; in eval mode
-      the output is unchanged); ``False`` does the reverse (plain BatchNorm -> the family's frozen BatchNorm). For
-      RT-DETR ``config.freeze_backbone_batch_norms`` follows, so a saved model rebuilds the same modules.
-      Conditional DETR always rebuilds frozen BatchNorm on load: call this again after ``from_pretrained`` (the
-      weights load either way because both BatchNorm kinds have the same state-dict keys).
+      the output is unchanged up to float rounding); ``False`` does the reverse (BatchNorm -> the family's frozen
+      BatchNorm). RT-DETR gets ``nn.BatchNorm2d`` and ``config.freeze_backbone_batch_norms`` follows, so a saved
+      model rebuilds the same modules. Conditional DETR always rebuilds frozen BatchNorm on load, so it gets
+      ``TrainableBatchNorm2d`` (same state-dict keys as the frozen one): the weights load into a fresh
+      ``from_pretrained`` model, and training code calls this again after loading.
 
     Call it before building the optimizer and before ``accelerator.prepare``. Returns lines for the start-up log:
     one per top-level module (``"model.backbone: trainable 11.2M / 11.2M params"``) and one for the BatchNorm swap.
     """
     model = unwrap_model(model)
     bb = _backbone(model)
-    swapped = _swap_batchnorm(bb, to_trainable=backbone_batchnorm)
     if model_family(model) == "rtdetr":
+        # RT-DETR rebuilds plain BatchNorm2d on load when freeze_backbone_batch_norms is false: use exactly that.
+        swapped = _swap_batchnorm(bb, backbone_batchnorm, nn.BatchNorm2d)
         model.config.freeze_backbone_batch_norms = not backbone_batchnorm
+    else:
+        # Conditional DETR (and other HF DETRs) always rebuild frozen BatchNorm: keep its state-dict keys.
+        swapped = _swap_batchnorm(bb, backbone_batchnorm, TrainableBatchNorm2d)
     bb_params = {id(p) for p in bb.parameters()}
     for p in model.parameters():
         p.requires_grad_(backbone if id(p) in bb_params else True)

@@ -296,6 +296,14 @@ def test_set_trainable_rtdetr_freezes_batchnorm_and_round_trips(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert all(torch.equal(a, b) for a, b in zip(frozen, _eval_out(loaded, x)))
 
+    set_trainable(loaded, backbone=True, backbone_batchnorm=True)  # frozen -> trainable nn.BatchNorm2d again
+    assert loaded.config.freeze_backbone_batch_norms is False
+    assert sum(type(m) is torch.nn.BatchNorm2d for m in loaded.model.backbone.modules()) == 15
+    loaded.save_pretrained(tmp_path / "m2")
+    again, info = AutoModelForObjectDetection.from_pretrained(tmp_path / "m2", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(frozen, _eval_out(again, x)))
+
 
 def test_model_family_unwraps():
     model = build_model("rtdetr-tiny", {0: "a"})
