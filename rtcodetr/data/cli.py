@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,30 @@ from typing import Sequence
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rtcodetr data", description="Prepare, export and check detection datasets.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{taco,synthetic,yolo,check}")
+
+    t = sub.add_parser("taco", help="prepare a COCO file (TACO) and its images: fix, split, write DATA_DIR")
+    t.add_argument("--annotations", required=True, type=Path, help="COCO json (e.g. TACO's annotations.json)")
+    t.add_argument("--images", required=True, type=Path, help="image root the file names are relative to")
+    t.add_argument("--out", required=True, type=Path, help="output prepared dataset directory")
+    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--test-fraction", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0, help="seed of the image-level split")
+    t.add_argument("--classes", choices=("categories", "supercategories"), default="categories")
+    t.add_argument("--skip-missing", action="store_true",
+                   help="drop images that are not on disk or whose size matches neither EXIF orientation "
+                        "(counted in report.json) instead of failing")
+    t.add_argument("--val-ids", type=Path, default=None, help="pin the val split to these image ids (one per line)")
+    t.add_argument("--test-ids", type=Path, default=None, help="pin the test split to these image ids")
+    t.add_argument("--name", default="taco", help="dataset name written into dataset.json")
+
+    c = sub.add_parser("check", help="decode every image of a COCO file and print what is wrong; writes nothing")
+    c.add_argument("--annotations", required=True, type=Path)
+    c.add_argument("--images", required=True, type=Path)
+
+    y = sub.add_parser("yolo", help="export a prepared dataset as an ultralytics dataset")
+    y.add_argument("--data", required=True, type=Path, help="prepared dataset directory")
+    y.add_argument("--out", required=True, type=Path, help="output directory (data.yaml, images/, labels/)")
+    y.add_argument("--copy", action="store_true", help="copy images instead of symlinking them")
 
     s = sub.add_parser("synthetic", help="write the deterministic synthetic litter-like set")
     s.add_argument("--out", required=True, type=Path, help="output prepared dataset directory")
@@ -29,14 +54,61 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _summary(data) -> str:
+    return ", ".join(f"{s} {v['num_images']} images / {v['num_annotations']} boxes" for s, v in data.info["splits"].items())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (errors in the input data print one clear message and return 1)."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from rtcodetr.data.coco import DatasetError
+    from rtcodetr.data.dataset import ImageDecodeError
+    from rtcodetr.data.prepared import PreparedDataError
+
+    try:
+        return _dispatch(args)
+    except (DatasetError, PreparedDataError, ImageDecodeError) as e:
+        print(f"rtcodetr data {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "taco":
+        from rtcodetr.data.coco import PrepareConfig, run
+
+        cfg = PrepareConfig(
+            annotations=args.annotations, images=args.images, out=args.out, val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction, seed=args.seed, classes=args.classes, skip_missing=args.skip_missing,
+            val_ids=args.val_ids, test_ids=args.test_ids, name=args.name,
+        )
+        data = run(cfg)
+        fixes = {k: v for k, v in json.loads((data.root / "report.json").read_text())["fixes"].items() if v}
+        print(f"wrote {data.root}: {data.label_map.num_labels} labels; {_summary(data)}")
+        print(f"fixes (report.json): {json.dumps(fixes)}")
+        return 0
+    if args.command == "check":
+        from rtcodetr.data.coco import check
+
+        problems, report = check(args.annotations, args.images)
+        fixes = {k: v for k, v in report["fixes"].items() if v and k not in ("missing_images_dropped",
+                                                                             "size_mismatch_images_dropped")}
+        print(f"{args.annotations}: {report['counts']['images_in_file']} images, "
+              f"{report['counts']['annotations_in_file']} annotations; fixes `data taco` would apply: "
+              f"{json.dumps(fixes)}")
+        for p in problems:
+            print(f"problem: {p}")
+        print(f"{len(problems)} problem(s)" if problems else "no problems found")
+        return 1 if problems else 0
+    if args.command == "yolo":
+        from rtcodetr.data.yolo import export_yolo
+
+        yaml_path = export_yolo(args.data, args.out, link=not args.copy)
+        print(f"wrote ultralytics dataset {yaml_path}")
+        return 0
     if args.command == "synthetic":
         from rtcodetr.data.synthetic import make_synthetic
 
         data = make_synthetic(args.out, args.train, args.val, args.test, args.size, args.seed)
-        counts = ", ".join(f"{s} {v['num_images']} images / {v['num_annotations']} boxes"
-                           for s, v in data.info["splits"].items())
-        print(f"wrote synthetic dataset {data.root}: {data.label_map.num_labels} labels; {counts}")
+        print(f"wrote synthetic dataset {data.root}: {data.label_map.num_labels} labels; {_summary(data)}")
         return 0
     raise AssertionError(args.command)
