@@ -51,7 +51,7 @@ def resolve_geometry(processor_geom: dict, cfg: GeometryConfig, sizes_hw: np.nda
         raise ValueError(f"geometry.box_reference must be 'padded' or 'unpadded', got '{cfg.box_reference}'")
     overridden = cfg.mode != "auto" or any(
         v is not None for v in (cfg.size_hw, cfg.shortest_edge, cfg.longest_edge, cfg.pad_hw))
-    geom: dict[str, Any] = {"mode": mode, "source": "config" if overridden else "processor"}
+    geom: dict[str, Any] = {"mode": mode}
     if mode == "fixed":
         size = cfg.size_hw or processor_geom.get("size_hw")
         if size is None:
@@ -83,6 +83,7 @@ def resolve_geometry(processor_geom: dict, cfg: GeometryConfig, sizes_hw: np.nda
     geom["rescale_factor"] = float(processor_geom.get("rescale_factor", 1 / 255))
     geom["box_reference"] = cfg.box_reference
     geom["interpolation"] = "bilinear, antialias"
+    geom["source"] = "config" if overridden else "processor"  # informative; last so a diff names the setting
     return geom
 
 

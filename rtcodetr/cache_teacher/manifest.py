@@ -82,7 +82,8 @@ def _short(v: Any, limit: int = 80) -> str:
 def first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any] | None:
     """The first dotted path (list positions as ``[i]``) where JSON-like ``a`` and ``b`` differ, or None."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
+        # the expected side's key order (the manifest is built most-telling field first), then keys only in a
+        for key in [*b, *(k for k in a if k not in b)]:
             d = first_difference(a.get(key, _MISSING), b.get(key, _MISSING), f"{path}.{key}")
             if d is not None:
                 return d
