@@ -21,7 +21,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -485,9 +485,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     lcfg = cfg.loss
     use_pred = bool(cfg.cache) and lcfg.prediction_weight > 0
     use_feat = bool(cfg.cache) and lcfg.feature_weight > 0
-    if not cfg.cache and (lcfg.prediction_weight > 0 or lcfg.feature_weight > 0):
-        raise ConfigError("loss.prediction_weight / loss.feature_weight > 0 need a teacher cache: set cache=CACHE "
-                          "(or set both weights to 0 for a plain run)")
+    if cfg.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
+        print("[train] mixed_precision=fp16 needs a CUDA device; training in float32 on the CPU", flush=True)
+        cfg = replace(cfg, mixed_precision="no")
 
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, log_with=list(cfg.log_with) or None,
@@ -513,6 +513,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                                                              "longest_edge")}
     normalize = geometry["normalize"]
 
+    if not cfg.cache and (lcfg.prediction_weight > 0 or lcfg.feature_weight > 0):
+        log("[train] no teacher cache given: distillation losses are off (plain training on ground truth)")
+    elif cfg.cache and not (use_pred or use_feat):
+        log(f"[train] cache {cfg.cache} is not read: loss.prediction_weight and loss.feature_weight are 0")
     cache = None
     teacher_channels = None
     if use_pred or use_feat:
@@ -527,7 +531,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 "dataset first, or set loss.prediction_weight=0 (feature distillation is still allowed)")
         if use_feat:
             shape = cache.manifest["tensors"][lcfg.teacher_feature]["shape"]
-            teacher_channels = int(shape[1])
+            teacher_channels = int(shape[-3])  # manifest shapes are per sample: [C, Hf, Wf]
         teacher_stride = float(cache.manifest.get("geometry", {}).get("stride", 32))
     else:
         teacher_stride = 32.0
