@@ -55,7 +55,7 @@ def test_sample_prepared_with_stable_label_map(taco_prepared, taco_sample):
         np.testing.assert_allclose(a["bbox"], s["bbox"], atol=1e-4)
     for s in d.splits:
         assert [a["id"] for a in d.coco(s)["annotations"]] == list(range(1, d.info["splits"][s]["num_annotations"] + 1))
-        assert all(im["orientation"] == "exif" for im in d.coco(s)["images"])  # no tag: both frames match
+        assert all(im["orientation"] == "raw" for im in d.coco(s)["images"])  # no EXIF tag in these 80
 
 
 def test_sample_loads_in_the_dataset_with_draft_mode(taco_prepared):
@@ -206,7 +206,7 @@ def small(tmp_path):
     img = tmp_path / "img"
     _jpeg(img / "a" / "rot.jpg", 40, 20, orientation=6)  # stored 40x20, shown 20x40
     _jpeg(img / "a" / "raw.jpg", 40, 20, orientation=8)  # annotated in the stored frame
-    _jpeg(img / "b" / "case.JPG", 30, 30)
+    _jpeg(img / "b" / "case.JPG", 30, 30, orientation=3)  # 180 degrees: same size either way
     _jpeg(img / "b" / "plain.jpg", 32, 24)
     images = [
         {"id": 0, "file_name": "a/rot.jpg", "width": 20, "height": 40},
@@ -233,10 +233,12 @@ def test_every_fix_on_a_small_file(small, capsys):
     assert f["duplicate_annotation_ids"] == 1 and f["duplicate_annotation_id_values"] == [1]
     assert f["boxes_clamped"] == 3 and f["zero_area_boxes_dropped"] == 1
     assert f["extension_case_fixed"] == 1 and f["exif_rotated"] == 1 and f["exif_tag_ignored"] == 1
+    assert f["exif_applied_same_size"] == 1
     assert f["category_ids_remapped"] == 3
     assert d.label_map.names == ["can", "cap", "bag"] and rep["unused_labels_in_file"] == ["bag"]
     recs = {im["id"]: im for s in d.splits for im in d.coco(s)["images"]}
-    assert recs[0]["orientation"] == "exif" and recs[1]["orientation"] == "raw"
+    assert recs[0]["orientation"] == "exif" and recs[1]["orientation"] == "raw" and recs[2]["orientation"] == "exif"
+    assert recs[3]["orientation"] == "raw" and "exif_orientation_tag" not in recs[3]
     assert recs[2]["file_name"] == "b/case.JPG"
     anns = {a["source_id"]: a for s in d.splits for a in d.coco(s)["annotations"] if a["image_id"] in (1, 2)}
     assert anns[1]["bbox"] == [0.0, 2.0, 8.5, 5.0] and anns[2]["bbox"] == [25.0, 25.0, 5.0, 5.0]

@@ -13,9 +13,9 @@ What gets fixed (each counted in ``report.json["fixes"]``; measured on the offic
 * file names whose extension case differs from the file on disk (TACO mixes ``.jpg`` and ``.JPG``): resolved to
   the file that exists;
 * EXIF orientation: the annotated ``(width, height)`` is compared with the stored size and with the EXIF-rotated
-  size; the one that matches decides ``orientation`` (``raw`` / ``exif``). When both match (no tag, a 180 degree
-  or mirror tag, or a square image) ``exif`` is used, i.e. the image as a viewer shows it, which is what the
-  official TACO loader does. When neither matches the image is an error (dropped and counted with
+  size; the one that matches decides ``orientation`` (``raw`` / ``exif``). Without a tag it is ``raw``. When a tag
+  is present and both match (a 180 degree or mirror tag, or a square image) ``exif`` is used, i.e. the image as a
+  viewer shows it, which is what the official TACO loader does (counted as ``exif_applied_same_size``). When neither matches the image is an error (dropped and counted with
   ``--skip-missing``).
 
 Rejected with an error naming the file, the record and the field: malformed json / records, duplicate image or
@@ -205,7 +205,9 @@ def check_image(path: Path, file_name: str, width: int, height: int, verify: boo
     w, h = res.raw_size
     upright = (h, w) if res.exif_tag in SWAPS_SIDES else (w, h)
     raw_ok, exif_ok = (w, h) == (width, height), upright == (width, height)
-    if exif_ok:
+    if res.exif_tag == 1 and raw_ok:
+        res.orientation = "raw"  # no rotating tag: both frames are the same
+    elif exif_ok:
         res.orientation = "exif"  # also when both match: the image as viewers (and the TACO loader) show it
     elif raw_ok:
         res.orientation = "raw"
@@ -265,6 +267,7 @@ def load_source(
         "category_ids_remapped": 0,
         "extension_case_fixed": 0,
         "exif_rotated": 0,
+        "exif_applied_same_size": 0,
         "exif_tag_ignored": 0,
         "missing_images_dropped": 0,
         "annotations_of_dropped_images": 0,
@@ -367,8 +370,10 @@ def load_source(
             continue
         im = image_recs[iid]
         fixes["extension_case_fixed"] += int(chk.extension_fixed)
-        if chk.orientation == "exif" and chk.exif_tag in SWAPS_SIDES:
-            fixes["exif_rotated"] += 1
+        if chk.orientation == "exif":
+            # a transposing tag with a matching upright size, or a same-size tag (mirror / 180 degrees) applied
+            fixes["exif_rotated" if chk.exif_tag in SWAPS_SIDES and im["width"] != im["height"]
+                  else "exif_applied_same_size"] += 1
         if chk.orientation == "raw" and chk.exif_tag != 1:
             fixes["exif_tag_ignored"] += 1
         rec = {"id": iid, "file_name": chk.file_name, "width": im["width"], "height": im["height"],

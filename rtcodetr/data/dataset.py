@@ -11,6 +11,7 @@ by a resize. The draft scale is recorded as the first step of ``target["affine"]
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,9 @@ from PIL import Image, ImageOps
 
 from rtcodetr.data.boxes import coco_xywh_to_xyxy
 from rtcodetr.data.prepared import PreparedData, safe_relative_path
+
+
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageDecodeError(OSError):
@@ -46,8 +50,8 @@ def decode_image(
                 if res is not None:
                     scale = res[1][2] / w  # == 1 / s exactly
             im.load()  # decodes every byte: a truncated file fails here, not later in a worker
-            if orientation == "exif":
-                im = ImageOps.exif_transpose(im)
+            if orientation == "exif" and im.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1):
+                im = ImageOps.exif_transpose(im)  # (skipped without a tag: it would copy the whole image)
             out = im.convert("RGB")
     except FileNotFoundError:
         raise ImageDecodeError(f"image file not found: {path}{what}") from None
@@ -78,8 +82,11 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         self.draft_size = draft_size
         self.image_root = str(self.data.image_root)
-        coco = self.data.coco(split)
         src = self.data.split_file(split)
+        # parsed here and dropped after indexing (not through PreparedData.coco's cache): the dicts must not outlive
+        # __init__, or forked workers would copy them page by page as the garbage collector walks them
+        with open(src) as f:
+            coco = json.load(f)
         images = coco["images"]
         n = len(images)
         self.image_ids = np.fromiter((im["id"] for im in images), dtype=np.int64, count=n)
