@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -362,8 +362,3 @@ def _write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
         f.write("\n")
     os.replace(tmp, path)
 
-
-def iter_split_names(names: Iterable[str]) -> list[str]:
-    """Known splits first in canonical order, then any others."""
-    names = list(names)
-    return [s for s in SPLITS if s in names] + [s for s in names if s not in SPLITS]

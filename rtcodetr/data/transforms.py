@@ -99,12 +99,15 @@ def _apply_step(target: Target, step: torch.Tensor, new_hw: tuple[int, int], min
     of each box that survives clipping.
     """
     out = _copy_target(target)
-    out["affine"] = step @ _affine_of(target)
-    out["size"] = torch.tensor(new_hw, dtype=torch.int64)
+    prev = _affine_of(target)
+    out["affine"] = step.to(prev.device) @ prev  # targets may live on the accelerator (resize_batch)
+    old_size = target.get("size")
+    size_device = old_size.device if isinstance(old_size, torch.Tensor) else None
+    out["size"] = torch.tensor(new_hw, dtype=torch.int64, device=size_device)
     if "boxes" not in target:
         return out
     b = torch.as_tensor(target["boxes"]).to(torch.float64).reshape(-1, 4)
-    sx, sy, tx, ty = step[0, 0], step[1, 1], step[0, 2], step[1, 2]
+    sx, sy, tx, ty = (float(step[0, 0]), float(step[1, 1]), float(step[0, 2]), float(step[1, 2]))
     xs = b[:, 0::2] * sx + tx
     ys = b[:, 1::2] * sy + ty
     moved = torch.stack([xs.amin(1), ys.amin(1), xs.amax(1), ys.amax(1)], dim=1)
@@ -112,7 +115,8 @@ def _apply_step(target: Target, step: torch.Tensor, new_hw: tuple[int, int], min
     if "area" in target:
         full = box_area(moved)
         frac = torch.where(full > 0, box_area(clipped) / full.clamp(min=1e-12), torch.zeros_like(full))
-        out["area"] = (torch.as_tensor(target["area"]).to(torch.float64) * abs(float(sx * sy)) * frac).to(torch.float32)
+        area = torch.as_tensor(target["area"]).to(device=frac.device, dtype=torch.float64)
+        out["area"] = (area * abs(sx * sy) * frac).to(torch.float32)
     out["boxes"] = clipped.to(torch.float32)
     return sanitize_target(out, min_size)
 
