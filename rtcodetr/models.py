@@ -422,7 +422,21 @@ def _resolve(path_or_id: str | Path) -> tuple[str, bool]:
         raise ModelLoadError(f"{p} is a file; pass a save_pretrained model directory (with config.json)")
     if s.startswith((".", "/", "~")) or s.count("/") > 1 or os.sep in s.replace("/", ""):
         raise ModelLoadError(f"model directory {p} does not exist")
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        # A cache probe is a few stat() calls: an offline miss fails here, before transformers' model stack is even
+        # imported (that import alone takes seconds).
+        if not isinstance(try_to_load_from_cache(s, "config.json"), str):
+            raise _offline_error(s, "it is not in the local Hugging Face cache")
     return s, False
+
+
+def _offline_error(source: str, detail: str, what: str = "model") -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load {what} '{source}' offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set and {detail}); "
+        "pass a local model directory instead, e.g. one written by "
+        "`rtcodetr init-model --preset NAME --data DATA_DIR --out MODEL_DIR`")
 
 
 def _from_pretrained(loader: Callable[..., Any], source: str, is_local: bool, what: str, **kwargs: Any):
@@ -437,11 +451,8 @@ def _from_pretrained(loader: Callable[..., Any], source: str, is_local: bool, wh
         try:
             return loader.from_pretrained(source, local_files_only=True, **kwargs)
         except (OSError, ValueError) as e:
-            raise ModelLoadError(
-                f"could not load {what} '{source}' offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set and it is "
-                f"not in the local Hugging Face cache); pass a local model directory instead, e.g. one written by "
-                f"`rtcodetr init-model --preset NAME --data DATA_DIR --out MODEL_DIR` ({type(e).__name__}: {e})"
-            ) from None
+            detail = f"its local cache copy is incomplete: {str(e).splitlines()[0]}"
+            raise _offline_error(source, detail, what) from None
     try:
         return loader.from_pretrained(source, **kwargs)
     except OSError as e:
@@ -454,9 +465,9 @@ def load_model(path_or_id: str | Path):
     The model comes back in eval mode on CPU. A hub id works online; offline (``HF_HUB_OFFLINE=1``) it loads only
     from the local Hugging Face cache and otherwise raises ``ModelLoadError`` at once.
     """
+    source, is_local = _resolve(path_or_id)  # first: an offline miss must not wait for the transformers import
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-    source, is_local = _resolve(path_or_id)
     model = _from_pretrained(AutoModelForObjectDetection, source, is_local, "model")
     processor = _from_pretrained(AutoImageProcessor, source, is_local, "image processor")
     model.eval()
@@ -467,26 +478,13 @@ def load_model(path_or_id: str | Path):
 # init-model
 # --------------------------------------------------------------------------------------------------------------------
 def read_id2label(data_dir: str | Path) -> dict[int, str]:
-    """``{label: name}`` from ``DATA_DIR/label_map.json`` (format in docs/INTERFACES.md), validated."""
+    """``{label: name}`` from the prepared dataset's ``label_map.json`` (validated by ``LabelMap``)."""
+    from rtcodetr.data.prepared import LabelMap
+
     path = Path(data_dir) / "label_map.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --data must be a prepared dataset directory (rtcodetr data ...)")
-    try:
-        records = json.loads(path.read_text())["labels"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: expected {{\"labels\": [...]}} ({type(e).__name__}: {e})") from None
-    id2label: dict[int, str] = {}
-    for i, rec in enumerate(records):
-        for field in ("label", "name"):
-            if not isinstance(rec, dict) or field not in rec:
-                raise ValueError(f"{path}: labels[{i}] has no '{field}' field")
-        if rec["label"] != i:
-            raise ValueError(f"{path}: labels[{i}] field 'label' is {rec['label']!r}, expected {i} (labels must be "
-                             "contiguous and in order)")
-        id2label[i] = str(rec["name"])
-    if not id2label:
-        raise ValueError(f"{path}: 'labels' is empty")
-    return id2label
+    return dict(LabelMap.load(path).id2label)
 
 
 def label_dependent_keys(config) -> set[str]:
@@ -544,18 +542,18 @@ def init_model(preset: str, data_dir: str | Path, out: str | Path, from_: str | 
     checkpoint already has exactly this label map. The image-processor config is the checkpoint's own when it has
     one, else the preset's. Returns ``out``.
     """
-    from transformers import AutoConfig, AutoImageProcessor
-
     _check_preset(preset)
     out = Path(out)
     id2label = read_id2label(data_dir)
+    source, is_local = _resolve(from_) if from_ is not None else (None, False)  # fail fast before heavy imports
+    from transformers import AutoConfig, AutoImageProcessor
+
     preset_config = build_config(preset, id2label)
     if from_ is None:
         model = build_model(preset, id2label)
         processor = build_image_processor(preset)
         reinit: list[str] = []
     else:
-        source, is_local = _resolve(from_)
         config = _from_pretrained(AutoConfig, source, is_local, "config")
         if model_family(config) != model_family(preset_config):
             raise ValueError(f"--from {source} is a {model_family(config)} model but preset '{preset}' is "

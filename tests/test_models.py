@@ -166,7 +166,7 @@ def test_cli_main_reports_bad_label_map(tmp_path, capsys):
     (bad / "label_map.json").write_text(json.dumps({"labels": [{"label": 0, "name": "a"}, {"label": 5, "name": "b"}]}))
     assert models.main(["--preset", "rtdetr-tiny", "--data", str(bad), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert "label_map.json" in err and "labels[1]" in err and "'label'" in err
+    assert "label_map.json" in err and "contiguous" in err
     assert models.main(["--preset", "rtdetr-tiny", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
     assert "prepared dataset" in capsys.readouterr().err
 
@@ -310,3 +310,29 @@ def test_model_family_unwraps():
     wrapper = torch.nn.Module()
     wrapper.module = model
     assert model_family(wrapper) == model_family(model.config) == "rtdetr"
+
+
+@pytest.mark.parametrize("preset", ["rtdetr-tiny", "conditional-detr-tiny"])
+def test_conftest_tiny_model_dir_fixture(tiny_model_dir, synthetic_data, preset):
+    """The shared fixture other stages build on: a saved tiny model with the synthetic label map."""
+    model, proc = load_model(tiny_model_dir(preset))
+    assert model.config.id2label == synthetic_data.label_map.id2label
+    assert processor_geometry(proc) == processor_geometry(build_image_processor(preset))
+
+
+def test_offline_hub_id_in_local_cache_loads(monkeypatch, tmp_path, rtdetr_tiny_dir, data4):
+    """Offline, a hub id resolves from the local Hugging Face cache (the same code path that downloads online)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--rtcodetr-test--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(rtdetr_tiny_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model, proc = load_model("rtcodetr-test/tiny")
+    assert model.config.id2label == {0: "bottle", 1: "can", 2: "cup", 3: "lid"}
+    out = init_model("rtdetr-tiny", data4, tmp_path / "from_hub", from_="rtcodetr-test/tiny", verbose=False)
+    assert load_model(out)[0].config.num_labels == 4
