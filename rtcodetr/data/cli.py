@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+MAX_MISSING_PRINTED = 20
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rtcodetr data", description="Prepare, export and check detection datasets.")
@@ -95,8 +97,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{args.annotations}: {report['counts']['images_in_file']} images, "
               f"{report['counts']['annotations_in_file']} annotations; fixes `data taco` would apply: "
               f"{json.dumps(fixes)}")
-        for p in problems:
+        missing = [p for p in problems if p.startswith("missing: ")]
+        others = [p for p in problems if not p.startswith("missing: ")]
+        for p in others + missing[:MAX_MISSING_PRINTED]:  # every decode problem, but not thousands of absent files
             print(f"problem: {p}")
+        if len(missing) > MAX_MISSING_PRINTED:
+            print(f"problem: ... and {len(missing) - MAX_MISSING_PRINTED} more missing images")
         print(f"{len(problems)} problem(s)" if problems else "no problems found")
         return 1 if problems else 0
     if args.command == "yolo":
