@@ -156,6 +156,21 @@ def test_draft_mode_scales_by_the_exact_dct_factor(tmp_path):
     np.testing.assert_allclose(tr["affine"].numpy(), np.diag([64 / 332, 64 / 252, 1.0]), rtol=1e-12)
 
 
+def test_draft_pixels_sit_where_the_affine_says(tmp_path):
+    """Near the far edge of an image whose width is not a multiple of the DCT factor, a marker lands at x / 4
+    (the recorded affine), not at x * draft_w / w."""
+    (tmp_path / "img").mkdir()
+    arr = np.full((250, 330, 3), 30, np.uint8)
+    arr[100:140, 296:320] = 230  # columns 296..319 -> draft columns 74..79 exactly at scale 1/4
+    Image.fromarray(arr).save(tmp_path / "img" / "m.jpg", quality=98)
+    data = _tiny_prepared(tmp_path, [{"id": 1, "file_name": "m.jpg", "width": 330, "height": 250,
+                                      "orientation": "raw"}], [(1, [296, 100, 320, 140])])
+    img, t = CocoDetection(data, "train", draft_size=60).load(0)
+    cols = np.nonzero(np.asarray(img, dtype=np.float32).mean(-1)[30] > 130)[0]
+    assert (cols.min(), cols.max() + 1) == (74, 80)
+    np.testing.assert_allclose(t["boxes"].numpy(), [[74, 25, 80, 35]])
+
+
 def test_truncated_image_error_names_the_file(tmp_path):
     (tmp_path / "img").mkdir()
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "img" / "t.jpg")
