@@ -54,10 +54,12 @@ class EvalConfig:
     plot: bool = True
 
 
-def _distributed_state():
+def _distributed_state(device: str):
+    """Accelerate's process state. ``cpu=True`` for a CPU run: without it accelerate ignores ``WORLD_SIZE`` on a
+    GPU-less host and every launched process would evaluate everything alone (gloo is used across CPU processes)."""
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=torch.device(device).type == "cpu")
 
 
 def _device_for(cfg_device: str, state: Any) -> str:
@@ -115,7 +117,7 @@ def predict_split(detector: Detector, dataset: Any, indices: Sequence[int], batc
     Images are decoded upright through :class:`~rtcodetr.data.CocoDetection` (EXIF handled there); with draft
     decoding the boxes are mapped back to the original frame through the inverse of ``target["affine"]``.
     """
-    from rtcodetr.data.boxes import affine_boxes
+    from rtcodetr.data.boxes import affine_boxes, clip_boxes
 
     out: list[dict[str, Any]] = []
     if isinstance(detector, PredictionsFile):
@@ -133,6 +135,9 @@ def predict_split(detector: Detector, dataset: Any, indices: Sequence[int], batc
             affine = target.get("affine")
             if affine is not None and not torch.equal(affine, torch.eye(3, dtype=affine.dtype)):
                 boxes = affine_boxes(boxes.double(), torch.linalg.inv(affine)).float()
+                # JPEG draft decoding rounds the size up to whole DCT blocks, so the decoded frame reaches up to one
+                # block past the original edge; clip back into the annotated image.
+                boxes = clip_boxes(boxes, [int(v) for v in target["orig_size"]])
             out.append({"image_id": int(target["image_id"]), "boxes": boxes, "scores": pred["scores"],
                         "labels": pred["labels"]})
         bar.update(len(chunk))
@@ -204,7 +209,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     clash = set(cfg.models) & set(cfg.predictions)
     if clash:
         raise ValueError(f"evaluate: names used twice (--model and --predictions): {sorted(clash)}")
-    state = _distributed_state()
+    state = _distributed_state(cfg.device)
     device = _device_for(cfg.device, state)
     data = PreparedData.load(cfg.data)
     dataset = CocoDetection(data, cfg.split, draft_size=cfg.draft_size)
