@@ -3,20 +3,21 @@ trainability switches and ``rtcodetr init-model``.
 
 Presets (``PRESETS[name](id2label) -> config``):
 
-========================  ==========================================================  =====================
-name                      architecture                                                params (80 labels)
-========================  ==========================================================  =====================
-conditional-detr-r50      microsoft/conditional-detr-resnet-50 (HF ResNet-50 backbone)  43.4 M
-conditional-detr-tiny     CPU teacher recipe: ResNet [32,64,128,256] basic, d 128      2.16 M (4 labels)
-rtdetr-r18vd              PekingU/rtdetr_r18vd                                          20.2 M
-rtdetr-r34vd              PekingU/rtdetr_r34vd                                          31.4 M
-rtdetr-r50vd              PekingU/rtdetr_r50vd                                          42.9 M
-rtdetr-r101vd             PekingU/rtdetr_r101vd                                         76.6 M
-rtdetr-l                  RT-DETR-L: HGNetV2-L backbone (paper: 32 M)                   32.8 M
-rtdetr-tiny               CPU student recipe: ResNet-vd [16,32,64,128], d 64           0.82 M (4 labels)
-rtdetr-small              CPU demo teacher: ResNet-vd [32,64,128,256], d 128           3.2 M (4 labels)
-========================  ==========================================================  =====================
+=====================  ============================================================  =================  ======
+name                   architecture                                                  params, 80 labels  GFLOPs
+=====================  ============================================================  =================  ======
+conditional-detr-r50   microsoft/conditional-detr-resnet-50 (HF ResNet-50 backbone)  43.42 M
+conditional-detr-tiny  CPU recipe: ResNet [32,64,128,256] basic, d 128, 10 queries   2.16 M (4 lab.)
+rtdetr-r18vd           PekingU/rtdetr_r18vd                                          20.17 M           61.5
+rtdetr-r34vd           PekingU/rtdetr_r34vd                                          31.42 M
+rtdetr-r50vd           PekingU/rtdetr_r50vd                                          42.89 M           137.8
+rtdetr-r101vd          PekingU/rtdetr_r101vd                                         76.56 M
+rtdetr-l               RT-DETR-L: PP-HGNetV2-L backbone (paper: 32 M, 110 GFLOPs)    32.93 M           111.7
+rtdetr-tiny            CPU student: ResNet-vd [16,32,64,128], d 64, 100 queries      0.82 M (4 lab.)
+rtdetr-small           CPU demo teacher: ResNet-vd [32,64,128,256], d 128            3.20 M (4 lab.)
+=====================  ============================================================  =================  ======
 
+GFLOPs at 640x640, batch 1, with ``rtcodetr.evaluate.complexity.count_flops`` (2 FLOPs per MAC).
 The exact counts are asserted in ``tests/test_models.py``. Timm is not a dependency, so the Conditional DETR presets
 use the transformers ResNet backbone (``use_timm_backbone=False``): same layers and parameter count as the timm
 ResNet-50 of the hub checkpoint, different parameter names (a hub checkpoint loads through ``--from``, which keeps
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 from pathlib import Path
@@ -211,7 +211,11 @@ def build_config(preset: str, id2label: Mapping[int, str]):
 
 
 def build_model(preset: str, id2label: Mapping[int, str]):
-    """A randomly initialised ``*ForObjectDetection`` model of ``preset`` (no download)."""
+    """A randomly initialised ``*ForObjectDetection`` model of ``preset`` (no download), in training mode.
+
+    RT-DETR selects its ``num_queries`` from the encoder tokens of strides 8/16/32, so an input must give at least
+    that many (``rtdetr-tiny``, 100 queries: >= ~88x88 px; full presets, 300 queries: >= ~144x144 px).
+    """
     from transformers import AutoModelForObjectDetection
 
     return AutoModelForObjectDetection.from_config(build_config(preset, id2label))
@@ -365,6 +369,9 @@ def set_trainable(model: nn.Module, *, backbone: bool, backbone_batchnorm: bool)
       model rebuilds the same modules. Conditional DETR always rebuilds frozen BatchNorm on load, so it gets
       ``TrainableBatchNorm2d`` (same state-dict keys as the frozen one): the weights load into a fresh
       ``from_pretrained`` model, and training code calls this again after loading.
+
+    ``backbone=False`` with ``backbone_batchnorm=True`` freezes the BatchNorm affine parameters but its running
+    statistics still move in train mode; pass ``backbone_batchnorm=False`` for a fully fixed backbone.
 
     Call it before building the optimizer and before ``accelerator.prepare``. Returns lines for the start-up log:
     one per top-level module (``"model.backbone: trainable 11.2M / 11.2M params"``) and one for the BatchNorm swap.
