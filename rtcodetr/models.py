@@ -322,7 +322,7 @@ def _swap_batchnorm(root: nn.Module, to_trainable: bool, trainable_cls: type) ->
     if not to_trainable:
         frozen_cls = _frozen_bn_class(root)
     swapped = 0
-    for parent in root.modules():
+    for parent in list(root.modules()):  # snapshot: children are replaced while walking
         for name, child in list(parent.named_children()):
             if to_trainable and _is_frozen_bn(child):
                 new = trainable_cls(child.weight.shape[0]).to(child.weight.device, child.weight.dtype)
