@@ -45,6 +45,8 @@ META_ARRAYS: dict[str, tuple[tuple[int, ...], np.dtype]] = {
     "image_id": ((), np.dtype(np.int64)),
 }
 DONE_ARRAY = "shard_done"
+F16_MAX = float(np.finfo(np.float16).max)  # 65504
+F16_TINY = float(np.finfo(np.float16).tiny)  # 6.1e-05, smallest normal float16
 COMPRESSORS = ("blosc", "zstd", "gzip", "none")
 HDF5_SUFFIXES = (".h5", ".hdf5")
 
@@ -203,7 +205,7 @@ class ShardWriter:
         self._buffers: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
-        self._abort = False
+        self._warned: set[str] = set()
         self._thread = threading.Thread(target=self._loop, name="teacher-cache-writer", daemon=True)
         self._thread.start()
 
@@ -227,7 +229,6 @@ class ShardWriter:
 
     def close(self, *, abort: bool = False) -> None:
         """Finish: write everything queued (``abort``: still write complete shards, drop partial ones), join."""
-        self._abort = abort
         if self._thread.is_alive():
             self._queue.put(self._STOP)
             self._thread.join()
@@ -258,6 +259,7 @@ class ShardWriter:
         for name, t in self.manifest["tensors"].items():
             if name not in tensors:
                 raise KeyError(f"batch is missing tensor '{name}'")
+            self._check_range(name, t["dtype"], tensors[name], meta["image_id"])
             stored, scale = encode(tensors[name], t["dtype"])
             want = tuple(t["shape"])
             if stored.shape[1:] != want:
@@ -280,6 +282,31 @@ class ShardWriter:
             seen[i - start] = True
             if seen.all():
                 self._write_shard(k)
+
+    def _check_range(self, name: str, dtype: str, x: np.ndarray, image_ids: np.ndarray) -> None:
+        """Non-finite teacher outputs are an error; float16 overflow is an error (it would store inf); a sample
+        whose whole map sits below float16's normal range (e.g. an untrained teacher) is warned about once."""
+        x = np.asarray(x)
+        flat = np.abs(x.reshape(len(x), -1))
+        if not np.isfinite(flat).all():
+            bad = int(np.asarray(image_ids)[np.flatnonzero(~np.isfinite(flat).all(axis=1))[0]])
+            raise FloatingPointError(f"teacher output '{name}' of image id {bad} is not finite")
+        if dtype != "float16":
+            return
+        amax = flat.max(axis=1)
+        if (amax > F16_MAX).any():
+            j = int(np.argmax(amax))
+            raise OverflowError(f"teacher output '{name}' of image id {int(np.asarray(image_ids)[j])} reaches "
+                                f"{amax[j]:.3g}, beyond float16 ({F16_MAX:.0f}); use dtype=bfloat16 or int8")
+        tiny = (amax > 0) & (amax < F16_TINY)
+        if tiny.any() and name not in self._warned:
+            import warnings
+
+            self._warned.add(name)
+            j = int(np.flatnonzero(tiny)[0])
+            warnings.warn(f"teacher output '{name}' of image id {int(np.asarray(image_ids)[j])} has max |x| = "
+                          f"{amax[j]:.3g}, below float16's normal range ({F16_TINY:.3g}): stored as subnormals or "
+                          "zeros. Untrained teachers do this; otherwise use dtype=bfloat16 or int8", stacklevel=2)
 
     def _write_shard(self, k: int) -> None:
         bufs, _ = self._buffers.pop(k)

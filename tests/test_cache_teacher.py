@@ -1,0 +1,327 @@
+"""The teacher-cache job end to end on tiny teachers: fidelity to a direct forward, resume, refusals, corrupt input,
+HDF5 export, reader laziness, info/verify CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rtcodetr.cache_teacher import CacheConfig, CacheMismatchError, TeacherCache, run
+from rtcodetr.cache_teacher.cli import main as cli_main
+from rtcodetr.cache_teacher.codecs import cosine
+from rtcodetr.cache_teacher.geometry import PadCollate, TeacherInputs
+from rtcodetr.cache_teacher.storage import DONE_ARRAY, finished_shards, open_group
+from rtcodetr.config import load_config
+
+ARRAYS = ("backbone", "encoder", "logits", "boxes", "valid", "input_hw", "image_id")
+# Small teacher inputs keep every forward cheap; sizes that are not multiples of 32 exercise padding and the box
+# conversion from the padded input frame.
+RT_GEOMETRY = ["geometry.size_hw=[90,120]"]
+CD_GEOMETRY = ["geometry.shortest_edge=96", "geometry.longest_edge=160", "geometry.pad_hw=[128,128]"]
+
+
+def _cfg(data, teacher, out, *extra: str) -> CacheConfig:
+    words = [f"data={data}", f"teacher={teacher}", f"out={out}", "samples_per_shard=4", "batch_size=3",
+             "num_workers=0", "progress=false", *extra]
+    return load_config(CacheConfig, None, words)
+
+
+def _raw(path) -> dict[str, np.ndarray]:
+    g = open_group(str(path), "r")
+    return {name: np.asarray(g[name][:]) for name in g.array_keys()}
+
+
+def _trained_scale_teacher(src: Path, dst: Path) -> Path:
+    """A tiny teacher with the activation scale of a trained network.
+
+    At random init (transformers' std-0.01 conv weights, BatchNorm running stats 0/1) RT-DETR's stride-32 encoder
+    map is ~1e-10, which no 16-bit format holds. He-initialised convs and BatchNorm statistics calibrated on a few
+    inputs give O(0.01..1) maps, like the trained teachers the cache is for.
+    """
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    torch.manual_seed(0)
+    model = AutoModelForObjectDetection.from_pretrained(src)
+    for mod in model.model.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.reset_running_stats()
+            mod.momentum = None  # cumulative average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model(pixel_values=torch.rand(4, 3, 128, 128))
+    model.eval().save_pretrained(dst)
+    AutoImageProcessor.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def rt_teacher(tiny_model_dir, tmp_path_factory):
+    return _trained_scale_teacher(tiny_model_dir("rtdetr-tiny"), tmp_path_factory.mktemp("rt_teacher"))
+
+
+@pytest.fixture(scope="module")
+def cd_teacher(tiny_model_dir, tmp_path_factory):
+    return _trained_scale_teacher(tiny_model_dir("conditional-detr-tiny"), tmp_path_factory.mktemp("cd_teacher"))
+
+
+@pytest.fixture(scope="module")
+def rt_cache(tmp_path_factory, synthetic_data, rt_teacher):
+    """Reference cache: RT-DETR teacher, 16 images, 4 shards of 4, batches of 3 (straddling shard ends in the
+    sampler's view), two DataLoader workers."""
+    out = tmp_path_factory.mktemp("rt_cache") / "cache"
+    result = run(_cfg(synthetic_data.root, rt_teacher, out, "num_workers=2", *RT_GEOMETRY))
+    assert result["finished"] and result["shards_written"] == [0, 1, 2, 3]
+    return out
+
+
+def _direct_forward(model, inputs: TeacherInputs, input_hw, i: int) -> dict[str, torch.Tensor]:
+    """The teacher on sample i's preprocessed image padded like the cache, as a batch of one."""
+    from rtcodetr.features import FeatureTap
+
+    batch = PadCollate(input_hw)([inputs[i]])
+    with torch.no_grad(), FeatureTap(model) as tap:
+        out = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+    return {"backbone": tap.features["backbone"][0], "encoder": tap.features["encoder"][0], "logits": out.logits[0],
+            "pred_boxes": out.pred_boxes[0], "input_hw": batch["input_hw"][0], "orig_hw": batch["orig_hw"][0]}
+
+
+def _check_against_direct(model_dir, cache_path, data, indices):
+    from transformers import AutoModelForObjectDetection
+
+    from rtcodetr.data.dataset import CocoDetection
+
+    cache = TeacherCache(cache_path, data=data, split="train")
+    g = cache.manifest["geometry"]
+    hp, wp = g["input_hw"]
+    model = AutoModelForObjectDetection.from_pretrained(model_dir).eval()  # loaded on its own, not via the job
+    inputs = TeacherInputs(CocoDetection(data, "train"), g, draft=g["draft"])
+    for i in indices:
+        ref = _direct_forward(model, inputs, g["input_hw"], i)
+        got = cache[i]
+        for name in ("backbone", "encoder"):  # float16 storage: within half precision of the map's range
+            r = ref[name].numpy()
+            assert got[name].shape == r.shape
+            assert np.abs(got[name] - r).max() <= 2e-3 * np.abs(r).max() + 1e-6, name
+            assert cosine(got[name], r) > 0.9999
+        np.testing.assert_allclose(got["logits"], ref["logits"].numpy(), rtol=1e-4, atol=1e-4)
+        # boxes: fractions of the padded input -> fractions of the original image. The input is the original
+        # image scaled by (nw / w0, nh / h0), so a fraction of the padded width becomes * wp / nw.
+        nh, nw = (int(x) for x in ref["input_hw"])
+        expect = ref["pred_boxes"].double().numpy() * np.array([wp / nw, hp / nh, wp / nw, hp / nh])
+        np.testing.assert_allclose(got["boxes"], expect, rtol=1e-4, atol=1e-4)
+        assert got["input_hw"].tolist() == [nh, nw]
+        assert got["valid"].tolist() == [-(-nh // 32), -(-nw // 32)]
+        assert int(got["image_id"]) == int(cache.image_ids[i])
+
+
+def test_rtdetr_cache_equals_direct_forward(rt_cache, rt_teacher, synthetic_data):
+    m = TeacherCache(rt_cache).manifest
+    assert m["geometry"]["input_hw"] == [96, 128] and m["geometry"]["normalize"] is None
+    assert m["tensors"]["backbone"]["shape"] == [128, 3, 4] and m["tensors"]["logits"]["shape"] == [100, 4]
+    assert m["precision"]["mixed_precision"] == "no" and m["teacher"]["family"] == "rtdetr"
+    assert m["dataset"]["image_ids"] == synthetic_data.image_ids("train")
+    _check_against_direct(rt_teacher, rt_cache, synthetic_data, [0, 5, 15])
+
+
+def test_conditional_detr_cache_equals_direct_forward(tmp_path, cd_teacher, synthetic_data):
+    out = tmp_path / "cd"
+    run(_cfg(synthetic_data.root, cd_teacher, out, "samples_per_shard=8", "batch_size=4", *CD_GEOMETRY))
+    cache = TeacherCache(out)
+    g = cache.manifest["geometry"]
+    # Conditional DETR keeps the aspect ratio and normalises with ImageNet statistics (its own processor config)
+    assert g["mode"] == "shortest_edge" and g["normalize"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert g["input_hw"] == [128, 128] and cache[0]["valid"].tolist() == [3, 3]  # 96 px of 128 are real
+    _check_against_direct(cd_teacher, out, synthetic_data, [1, 10])
+
+
+def test_preprocessing_matches_the_teachers_own_image_processor(tiny_model_dir, synthetic_data):
+    """Default geometry (no overrides) reproduces what the HF processor feeds the model."""
+    from transformers import AutoImageProcessor
+
+    from rtcodetr.cache_teacher.config import GeometryConfig
+    from rtcodetr.cache_teacher.geometry import resolve_geometry
+    from rtcodetr.data.dataset import CocoDetection
+    from rtcodetr.models import processor_geometry
+
+    base = CocoDetection(synthetic_data, "val")
+    for preset in ("rtdetr-tiny", "conditional-detr-tiny"):
+        proc = AutoImageProcessor.from_pretrained(tiny_model_dir(preset))
+        geom = resolve_geometry(processor_geometry(proc), GeometryConfig(), np.stack([base.heights, base.widths], 1))
+        ours, _ = TeacherInputs(base, geom, draft=False)[0]
+        image, _ = base.load(0)
+        theirs = proc(images=image, return_tensors="pt")["pixel_values"][0]
+        assert ours.shape == theirs.shape, preset
+        assert (ours - theirs).abs().mean() < 0.02, preset  # PIL vs tensor antialiasing differ slightly
+
+
+def test_resume_after_crash_skips_finished_shards_and_matches(tmp_path, rt_cache, rt_teacher, synthetic_data):
+    out = tmp_path / "cache"
+    cfg = _cfg(synthetic_data.root, rt_teacher, out, *RT_GEOMETRY)
+    written: list[int] = []
+
+    def crash_after_two(k: int) -> None:
+        written.append(k)
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated kill")  # the job must stop like on a signal
+
+    with pytest.raises((RuntimeError, KeyboardInterrupt)):
+        run(cfg, on_shard_written=crash_after_two)
+    group = open_group(str(out), "r")
+    assert finished_shards(group).tolist() == [True, True, False, False]
+    # a kill between shard 1's data and its marker: the data objects exist, the marker does not
+    (out / DONE_ARRAY / "c" / "1").unlink()
+    shard0 = out / "backbone" / "c" / "0" / "0" / "0" / "0"
+    mtime = shard0.stat().st_mtime_ns
+    result = run(cfg)
+    assert result["shards_written"] == [1, 2, 3] and result["shards_skipped"] == 1 and result["finished"]
+    assert shard0.stat().st_mtime_ns == mtime  # finished shard not recomputed
+    ref, got = _raw(rt_cache), _raw(out)
+    assert set(ref) == set(got)
+    for name in ref:
+        assert np.array_equal(ref[name], got[name]), name  # byte-identical to the uninterrupted run
+
+
+def _perturbed_teacher(src: Path, dst: Path) -> Path:
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    model = AutoModelForObjectDetection.from_pretrained(src)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    model.save_pretrained(dst)
+    AutoImageProcessor.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+def test_refuses_other_teacher_dataset_geometry_and_overwrites_on_request(tmp_path, rt_cache, rt_teacher,
+                                                                        cd_teacher, synthetic_data):
+    before = _raw(rt_cache)
+    other = _perturbed_teacher(rt_teacher, tmp_path / "other_teacher")
+    cases = [
+        ((other, "train", RT_GEOMETRY), "teacher.weights_sha256"),
+        ((cd_teacher, "train", RT_GEOMETRY), "teacher.family"),
+        ((rt_teacher, "val", RT_GEOMETRY), "dataset.split"),
+        ((rt_teacher, "train", ["geometry.size_hw=[96,96]"]), "geometry.size_hw"),
+        ((rt_teacher, "train", [*RT_GEOMETRY, "dtype=bfloat16"]), "tensors.backbone.dtype"),
+    ]
+    for (teacher, split, extra), field in cases:
+        with pytest.raises(CacheMismatchError) as e:
+            run(_cfg(synthetic_data.root, teacher, rt_cache, f"split={split}", *extra))
+        assert e.value.field.startswith(field) and f"'{e.value.field}'" in str(e.value)
+        assert "--overwrite" in str(e.value)
+    after = _raw(rt_cache)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing was touched
+    # --overwrite replaces the cache (on a copy, the reference stays)
+    copy = tmp_path / "copy"
+    shutil.copytree(rt_cache, copy)
+    result = run(_cfg(synthetic_data.root, rt_teacher, copy, "split=val", "overwrite=true", *RT_GEOMETRY))
+    assert result["finished"] and TeacherCache(copy).manifest["dataset"]["split"] == "val"
+
+
+def test_reader_refuses_other_dataset_and_label_map(tmp_path, rt_cache, synthetic_data):
+    with pytest.raises(CacheMismatchError) as e:
+        TeacherCache(rt_cache, data=synthetic_data, split="val")
+    assert e.value.field == "dataset.split"
+    # same split name and image ids, different annotation file
+    changed = tmp_path / "data"
+    shutil.copytree(synthetic_data.root, changed)
+    coco = json.loads((changed / "train.json").read_text())
+    coco["annotations"] = coco["annotations"][:-1]
+    (changed / "train.json").write_text(json.dumps(coco))
+    with pytest.raises(CacheMismatchError) as e:
+        TeacherCache(rt_cache, data=changed, split="train")
+    assert e.value.field == "dataset.annotations_sha256"
+    cache = TeacherCache(rt_cache, data=synthetic_data, split="train", label_map=synthetic_data.label_map)
+    assert cache.label_map_matches(synthetic_data.label_map)
+    wrong = list(synthetic_data.label_map.names)[::-1]
+    assert not cache.label_map_matches(wrong)
+    with pytest.raises(CacheMismatchError) as e:
+        TeacherCache(rt_cache, label_map=wrong)
+    assert e.value.field.startswith("teacher.label_map[0]") and "student" in str(e.value)
+    with pytest.raises(CacheMismatchError, match="'masks' is not in the cache"):
+        TeacherCache(rt_cache, tensors=["masks"])
+
+
+def test_corrupt_image_names_the_file_and_keeps_finished_shards(tmp_path, rt_teacher, synthetic_data):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data.root, data)
+    info = json.loads((data / "dataset.json").read_text())
+    info["image_root"] = str(data / "images")
+    (data / "dataset.json").write_text(json.dumps(info))
+    coco = json.loads((data / "train.json").read_text())
+    victim = data / "images" / coco["images"][9]["file_name"]  # sample 9: shard 2 of 4
+    good = victim.read_bytes()
+    victim.write_bytes(good[: len(good) // 3])
+    out = tmp_path / "cache"
+    cfg = _cfg(data, rt_teacher, out, *RT_GEOMETRY)
+    with pytest.raises(OSError) as e:
+        run(cfg)
+    assert str(victim) in str(e.value)
+    assert finished_shards(open_group(str(out), "r")).tolist() == [True, True, False, False]
+    victim.write_bytes(good)
+    result = run(cfg)
+    assert result["shards_written"] == [2, 3] and result["finished"]
+
+
+def test_reader_is_lazy_reads_only_requested_tensors_and_works_in_workers(rt_cache):
+    cache = TeacherCache(rt_cache, tensors=["encoder"])
+    assert cache._source._pid is None  # nothing opened in the parent before workers fork
+    loader = torch.utils.data.DataLoader(cache, batch_size=None, num_workers=2, shuffle=False)
+    rows = list(loader)
+    assert len(rows) == 16 and set(rows[3]) == {"encoder", "valid", "input_hw", "image_id"}
+    full = TeacherCache(rt_cache)
+    for i in (0, 7, 15):
+        assert np.array_equal(rows[i]["encoder"].numpy(), full[i]["encoder"])
+        assert int(rows[i]["image_id"]) == int(full.image_ids[i])
+    assert full.index_of(int(full.image_ids[7])) == 7
+    cache[2]
+    assert "backbone" not in cache._source._arrays and "logits" not in cache._source._arrays
+    with pytest.raises(KeyError, match="image id -1"):
+        cache.index_of(-1)
+
+
+def test_int8_and_bfloat16_caches_stay_close_to_float(tmp_path, rt_cache, rt_teacher, synthetic_data):
+    out = tmp_path / "q"
+    run(_cfg(synthetic_data.root, rt_teacher, out, "dtype=int8", "prediction_dtype=bfloat16",
+             "samples_per_shard=8", "batch_size=8", "compressor=zstd", *RT_GEOMETRY))
+    raw = _raw(out)
+    assert raw["backbone"].dtype == np.int8 and raw["backbone_scale"].shape == (16, 128)
+    assert raw["logits"].dtype == np.uint16  # bfloat16 bit patterns
+    q, ref = TeacherCache(out), TeacherCache(rt_cache)
+    for i in (0, 9):
+        a, b = q[i], ref[i]
+        for name in ("backbone", "encoder"):
+            assert cosine(a[name], b[name]) > 0.999, name
+        np.testing.assert_allclose(a["logits"], b["logits"], rtol=2 ** -7, atol=1e-3)
+        np.testing.assert_allclose(a["boxes"], b["boxes"], rtol=2 ** -7, atol=1e-3)
+
+
+def test_cli_info_export_verify(tmp_path, rt_cache, rt_teacher, capsys):
+    assert cli_main(["info", str(rt_cache)]) == 0
+    text = capsys.readouterr().out
+    assert "4/4 shards" in text and "backbone" in text and "per image" in text
+    h5 = tmp_path / "cache.h5"
+    assert cli_main(["export", str(rt_cache), "--to", str(h5)]) == 0
+    a, b = TeacherCache(rt_cache), TeacherCache(h5)
+    assert a.manifest == b.manifest and len(b) == 16
+    for i in range(16):
+        x, y = a[i], b[i]
+        assert all(np.array_equal(x[k], y[k]) for k in x)
+    import h5py
+
+    raw = _raw(rt_cache)
+    with h5py.File(h5, "r") as f:
+        for name in ARRAYS:
+            assert np.array_equal(f[name][:], raw[name]), name
+    capsys.readouterr()
+    assert cli_main(["verify", str(h5), "--teacher", str(rt_teacher), "--samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "verify: OK" in out and "encoder" in out
+    other = _perturbed_teacher(rt_teacher, tmp_path / "other")
+    assert cli_main(["verify", str(rt_cache), "--teacher", str(other), "--samples", "1"]) == 1
+    assert "weights_sha256: DIFFERS" in capsys.readouterr().out
