@@ -13,6 +13,7 @@ in that image's pixels, "scores": float32 [N], "labels": int64 [N] in 0..K-1}`` 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -41,6 +42,18 @@ def ultralytics_offline_env() -> None:
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")
     if "YOLO_CONFIG_DIR" not in os.environ:
         os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="rtcodetr-yolo-cfg-")
+
+
+@contextlib.contextmanager
+def keep_torch_threads():
+    """Undo ultralytics' ``select_device``, which calls ``torch.set_num_threads(min(8, cpu_count - 1))`` on CPU: left
+    alone it would change the thread count of every model timed after a YOLO model in the same process."""
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
 
 def _check_device(device: str, half: bool) -> torch.device:
@@ -239,9 +252,11 @@ class UltralyticsDetector(Detector):
 
     def _predict(self, images: Sequence[Image.Image], imgsz: int | tuple[int, int]) -> list[dict[str, torch.Tensor]]:
         extra = {"half": True} if self.half else {}  # passing half=False still triggers a deprecation warning
-        results = self.yolo.predict(
-            list(images), imgsz=imgsz, device=str(self.device), verbose=False, save=False, **extra, **self.settings,
-        )
+        with keep_torch_threads():
+            results = self.yolo.predict(
+                list(images), imgsz=imgsz, device=str(self.device), verbose=False, save=False, **extra,
+                **self.settings,
+            )
         out = []
         for r in results:
             b = r.boxes

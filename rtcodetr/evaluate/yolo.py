@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from rtcodetr.evaluate.detectors import ultralytics_offline_env
+from rtcodetr.evaluate.detectors import keep_torch_threads, ultralytics_offline_env
 
 
 def _default_device() -> str:
@@ -83,7 +83,8 @@ def train_yolo(data: str | Path, model: str | Path, out: str | Path, *, epochs: 
         args["workers"] = 0  # forked loaders only compete with the training process for CPU cores
     args.update(overrides)
     yolo = YOLO(spec, task="detect")
-    yolo.train(**args)
+    with keep_torch_threads():  # ultralytics lowers torch's thread count for the whole process on CPU
+        yolo.train(**args)
     trainer = yolo.trainer
     save_dir = Path(trainer.save_dir)
     weights = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
