@@ -30,11 +30,10 @@ def _strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=bad)
 
 
-def write_oracle_results(data, split: str, path: Path) -> Path:
+def write_oracle_results(data, split: str, path: Path, extra_splits: tuple[str, ...] = ()) -> Path:
     """A COCO results file holding exactly the ground truth (score 1): a perfect outside detector."""
-    gt = data.coco(split)
     results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-               for a in gt["annotations"]]
+               for s in (split, *extra_splits) for a in data.coco(s)["annotations"]]
     path.write_text(json.dumps(results))
     return path
 
@@ -137,7 +136,8 @@ def test_every_model_kind_on_taco_sample(taco_data, tmp_path):
 
     models = {p: init_model(p, taco_data.root, tmp_path / p) for p in ("rtdetr-tiny", "conditional-detr-tiny")}
     models["yolo11n"] = "yolo11n.yaml"
-    oracle = write_oracle_results(taco_data, "val", tmp_path / "oracle.json")
+    # the file also holds the train split's boxes: they must be ignored, and said so
+    oracle = write_oracle_results(taco_data, "val", tmp_path / "oracle.json", extra_splits=("train",))
     report = evaluate_models(taco_data.root, models, tmp_path / "report", predictions={"oracle": oracle},
                              imgsz=320, draft_size=320, complexity=False, batch_size=4)
     n_val = taco_data.info["splits"]["val"]["num_images"]
@@ -147,6 +147,7 @@ def test_every_model_kind_on_taco_sample(taco_data, tmp_path):
     oracle_e = report["models"][-1]
     # real TACO category ids, EXIF-rotated photos: the ground truth itself must score exactly 1
     assert oracle_e["name"] == "oracle" and oracle_e["mAP"] == pytest.approx(1.0)
+    assert any("outside the evaluated images were ignored" in note for note in oracle_e["notes"])
     assert _strict_json(tmp_path / "report" / "report.json")["dataset"]["num_labels"] == taco_data.label_map.num_labels
     assert (tmp_path / "report" / "plot.png").read_bytes().startswith(PNG_MAGIC)
 

@@ -241,6 +241,12 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": name, "path": str(path), "kind": det.kind, "protocol": det.protocol(),
                                  **metrics}
         entry["sanity"] = _ratio_flag(metrics)
+        if isinstance(det, PredictionsFile):
+            outside = det.image_ids() - {int(i) for i in dataset.image_ids[:n]}
+            if outside:
+                entry["notes"] = entry["notes"] + [
+                    f"{path}: detections for {len(outside)} image ids outside the evaluated images were ignored "
+                    f"(e.g. {sorted(outside)[:5]}); was the file made for another split?"]
         if det.can_time and main and sample_image is not None and (cfg.complexity or cfg.latency):
             entry.update(measure_model(det, sample_image, cfg))
         comp = entry.get("complexity") or {}

@@ -175,6 +175,11 @@ class TransformersDetector(Detector):
 
     @torch.inference_mode()
     def predict(self, images: Sequence[Image.Image]) -> list[dict[str, torch.Tensor]]:
+        if self.geometry["mode"] != "fixed" and self.size_override is None and len(images) > 1:
+            # Aspect-preserving processors pad a batch to its largest image; the DETR post-processor then scales the
+            # normalised boxes by each image's own size, which is only right for an unpadded input. One image per
+            # forward keeps every input unpadded.
+            return [r for im in images for r in self.predict([im])]
         outputs = self.model(**self._inputs(images, self.size_override))
         return self._post(outputs, images)
 
