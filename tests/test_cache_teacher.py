@@ -325,3 +325,29 @@ def test_cli_info_export_verify(tmp_path, rt_cache, rt_teacher, capsys):
     other = _perturbed_teacher(rt_teacher, tmp_path / "other")
     assert cli_main(["verify", str(rt_cache), "--teacher", str(other), "--samples", "1"]) == 1
     assert "weights_sha256: DIFFERS" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_cache_as_one(tmp_path, rt_cache, rt_teacher, synthetic_data):
+    """Two CPU processes under `accelerate launch` (gloo): rank r writes shards k % 2 == r, same bytes as one
+    process (batches never straddle shards and every input is padded to the cache's one size).
+
+    `--cpu --num_processes 2` would start ONE process in accelerate 1.x (its CPU multi-process path needs mpirun);
+    `--multi_gpu` with no visible GPU starts two with torchrun and the job joins them with gloo."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "cache2"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "rtcodetr.cache_teacher", "--data", str(synthetic_data.root), "--teacher", str(rt_teacher),
+           "--out", str(out), "samples_per_shard=4", "batch_size=3", "num_workers=0", *RT_GEOMETRY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, 
+                          env={**os.environ, "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 process(es)" in proc.stderr and "this process wrote 2 shard(s)" in proc.stderr
+    ref, got = _raw(rt_cache), _raw(out)
+    assert set(ref) == set(got)
+    for name in ref:
+        assert np.array_equal(ref[name], got[name]), name

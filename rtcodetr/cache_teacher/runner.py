@@ -164,7 +164,10 @@ def run(cfg: CacheConfig, *, on_shard_written: Callable[[int], None] | None = No
     from rtcodetr.data.prepared import PreparedData
 
     check_config(cfg)
-    accelerator = Accelerator()
+    # Without an accelerator, say cpu=True: only then does Accelerate join `accelerate launch --cpu` processes into
+    # one gloo group (otherwise each process believes it is alone and writes every shard).
+    has_accel = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not has_accel)
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     data = PreparedData.load(cfg.data)
