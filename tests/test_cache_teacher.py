@@ -88,19 +88,20 @@ def _direct_forward(model, inputs: TeacherInputs, input_hw, i: int) -> dict[str,
     with torch.no_grad(), FeatureTap(model) as tap:
         out = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
     return {"backbone": tap.features["backbone"][0], "encoder": tap.features["encoder"][0], "logits": out.logits[0],
-            "pred_boxes": out.pred_boxes[0], "input_hw": batch["input_hw"][0], "orig_hw": batch["orig_hw"][0]}
+            "pred_boxes": out.pred_boxes[0], "input_hw": batch["input_hw"][0], "orig_hw": batch["orig_hw"][0],
+            "affine": batch["affine"][0]}
 
 
-def _check_against_direct(model_dir, cache_path, data, indices):
+def _check_against_direct(model_dir, cache_path, data, indices, split="train"):
     from transformers import AutoModelForObjectDetection
 
     from rtcodetr.data.dataset import CocoDetection
 
-    cache = TeacherCache(cache_path, data=data, split="train")
+    cache = TeacherCache(cache_path, data=data, split=split)
     g = cache.manifest["geometry"]
     hp, wp = g["input_hw"]
     model = AutoModelForObjectDetection.from_pretrained(model_dir).eval()  # loaded on its own, not via the job
-    inputs = TeacherInputs(CocoDetection(data, "train"), g, draft=g["draft"])
+    inputs = TeacherInputs(CocoDetection(data, split), g, draft=g["draft"])
     for i in indices:
         ref = _direct_forward(model, inputs, g["input_hw"], i)
         got = cache[i]
@@ -110,10 +111,14 @@ def _check_against_direct(model_dir, cache_path, data, indices):
             assert np.abs(got[name] - r).max() <= 2e-3 * np.abs(r).max() + 1e-6, name
             assert cosine(got[name], r) > 0.9999
         np.testing.assert_allclose(got["logits"], ref["logits"].numpy(), rtol=1e-4, atol=1e-4)
-        # boxes: fractions of the padded input -> fractions of the original image. The input is the original
-        # image scaled by (nw / w0, nh / h0), so a fraction of the padded width becomes * wp / nw.
+        # boxes: fractions of the padded input -> fractions of the original image. The input is the original image
+        # scaled by (ax, ay) (= nw / w0, nh / h0 without draft decoding; a JPEG draft adds the DCT's partial block),
+        # so a fraction of the padded width becomes * wp / (ax * w0).
         nh, nw = (int(x) for x in ref["input_hw"])
-        expect = ref["pred_boxes"].double().numpy() * np.array([wp / nw, hp / nh, wp / nw, hp / nh])
+        h0, w0 = (int(x) for x in ref["orig_hw"])
+        ax, ay = float(ref["affine"][0, 0]), float(ref["affine"][1, 1])
+        fx, fy = wp / (ax * w0), hp / (ay * h0)
+        expect = ref["pred_boxes"].double().numpy() * np.array([fx, fy, fx, fy])
         np.testing.assert_allclose(got["boxes"], expect, rtol=1e-4, atol=1e-4)
         assert got["input_hw"].tolist() == [nh, nw]
         assert got["valid"].tolist() == [-(-nh // 32), -(-nw // 32)]
@@ -138,6 +143,27 @@ def test_conditional_detr_cache_equals_direct_forward(tmp_path, cd_teacher, synt
     assert g["mode"] == "shortest_edge" and g["normalize"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert g["input_hw"] == [128, 128] and cache[0]["valid"].tolist() == [3, 3]  # 96 px of 128 are real
     _check_against_direct(cd_teacher, out, synthetic_data, [1, 10])
+
+
+def test_taco_photos_keep_aspect_with_padding_and_boxes_in_original_frame(tmp_path, taco_sample, cd_teacher):
+    """Real TACO photos (portrait and landscape, 2-8 MP JPEGs, draft-decoded) through the data stage."""
+    from rtcodetr.data.coco import PrepareConfig
+    from rtcodetr.data.coco import run as prepare
+
+    data = prepare(PrepareConfig(annotations=taco_sample["annotations"], images=taco_sample["images"],
+                                 out=tmp_path / "taco", progress=False))
+    out = tmp_path / "cache"
+    run(_cfg(data.root, cd_teacher, out, "split=val", "samples_per_shard=8", "batch_size=4",
+             "geometry.shortest_edge=96", "geometry.longest_edge=160"))
+    cache = TeacherCache(out, data=data, split="val")
+    assert cache.manifest["geometry"]["input_hw"] == [128, 128]
+    assert not cache.label_map_matches(data.label_map)  # tiny synthetic teacher: 4 labels, TACO has 60
+    coco = data.coco("val")
+    for i, im in enumerate(coco["images"]):
+        portrait = im["height"] > im["width"]
+        assert cache[i]["valid"].tolist() == ([4, 3] if portrait else [3, 4])
+    landscape = next(i for i, im in enumerate(coco["images"]) if im["width"] > im["height"])
+    _check_against_direct(cd_teacher, out, data, [0, landscape], split="val")
 
 
 def test_preprocessing_matches_the_teachers_own_image_processor(tiny_model_dir, synthetic_data):
