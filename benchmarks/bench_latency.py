@@ -32,10 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--flops", nargs="*", default=[], help="full-size presets to count FLOPs for (section 2)")
     p.add_argument("--flops-size", type=int, default=640)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="keep the report here (default: a temp dir)")
     args = p.parse_args(argv)
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from rtcodetr.data.synthetic import make_synthetic
     from rtcodetr.evaluate.api import evaluate_models
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             models.update({Path(y).stem: y for y in args.yolo})
             out = Path(args.out) if args.out else tmp / "report"
             report = evaluate_models(data.root, models, out, latency=True, device=args.device, half=args.half,
-                                     imgsz=args.imgsz, warmup=args.warmup, iterations=args.iterations, plot=False)
+                                     imgsz=args.imgsz, warmup=args.warmup, iterations=args.iterations, plot=False,
+                                     threads=args.threads)
             md = markdown(report)
             # the accuracy columns of random-init models mean nothing here: print cost tables and protocol only
             keep = md.split("## Sanity")[0].split("\n\n", 1)[1]

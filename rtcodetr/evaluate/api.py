@@ -45,6 +45,7 @@ class EvalConfig:
     draft_size: int | None = None                    # JPEG draft decoding (faster on 10 MP photos); boxes mapped back
     max_images: int | None = None                    # first N images of the split (quick looks; stated in report)
     latency: bool = False
+    threads: int | None = None                       # torch intra-op threads (CPU latency); None = torch default
     warmup: int = 10
     iterations: int = 50
     complexity: bool = True
@@ -209,6 +210,10 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     clash = set(cfg.models) & set(cfg.predictions)
     if clash:
         raise ValueError(f"evaluate: names used twice (--model and --predictions): {sorted(clash)}")
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise ValueError(f"evaluate: 'threads' must be >= 1, got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
     state = _distributed_state(cfg.device)
     device = _device_for(cfg.device, state)
     data = PreparedData.load(cfg.data)

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not cfg.out:
             raise ConfigError("--out REPORT_DIR is required")
         report = run(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError) as e:  # OSError: missing files, ModelLoadError
         print(f"rtcodetr evaluate: error: {e}", file=sys.stderr)
         return 2
     if report.get("files"):

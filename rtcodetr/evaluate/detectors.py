@@ -59,7 +59,7 @@ def keep_torch_threads():
 def _check_device(device: str, half: bool) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{device}' requested but CUDA is not available on this machine")
+        raise ValueError(f"device '{device}' requested but CUDA is not available on this machine")
     if half and dev.type != "cuda":
         raise ValueError("--half (fp16) is only supported on a CUDA device")
     return dev
