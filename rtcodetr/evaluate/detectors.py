@@ -236,6 +236,8 @@ class UltralyticsDetector(Detector):
         is_yaml = spec.endswith((".yaml", ".yml"))
         if not is_yaml and not Path(spec).is_file():
             raise FileNotFoundError(f"YOLO checkpoint {spec} not found (ultralytics would try to download it)")
+        # A .pt is a pickle that ultralytics loads with its own torch.load (weights_only=False): only evaluate
+        # checkpoints you trained or trust, as with any ultralytics checkpoint.
         self.yolo = YOLO(spec, task="detect")
         if is_yaml:
             if label_map is None:
