@@ -147,8 +147,11 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
         ap = [e["per_class_AP"].get(c) for c in names]
         ap = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else 100 * v for v in ap]
         ax2.bar(xs + (i - (len(models) - 1) / 2) * bar_w, ap, width=bar_w, label=e["name"])
+    def no_gt(c: str) -> bool:  # nan AP for every model: the class has no ground truth in the evaluated images
+        return all(e["per_class_AP"].get(c) is None or math.isnan(e["per_class_AP"][c]) for e in models)
+
     ax2.set_xticks(xs)
-    ax2.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax2.set_xticklabels([f"{c} (no GT)" if no_gt(c) else c for c in names], rotation=60, ha="right", fontsize=7)
     ax2.set_ylabel("AP@.50:.95 (%)")
     ax2.set_title(f"per-class AP ({report['dataset']['split']})")
     ax2.legend(fontsize=7)
