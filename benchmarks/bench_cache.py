@@ -96,6 +96,20 @@ def forward_only(data, split: str, teacher_dir: Path, manifest: dict, batch_size
     return sum(len(b["index"]) for b in batches) / (time.perf_counter() - t0)
 
 
+def job_plan(data, teacher_dir: Path, samples_per_shard: int) -> dict:
+    """The parts of the train job's manifest that fix its batches: geometry (default config), shards, tensors."""
+    from rtcodetr.cache_teacher.config import GeometryConfig
+    from rtcodetr.cache_teacher.geometry import resolve_geometry
+    from rtcodetr.data.dataset import CocoDetection
+    from rtcodetr.models import load_model, processor_geometry
+
+    base = CocoDetection(data, "train")
+    geometry = resolve_geometry(processor_geometry(load_model(teacher_dir)[1]), GeometryConfig(),
+                                np.stack([base.heights, base.widths], 1))
+    return {"geometry": {**geometry, "draft": True}, "storage": {"samples_per_shard": samples_per_shard},
+            "tensors": {n: {} for n in ("backbone", "encoder", "logits", "boxes")}}
+
+
 def read_throughput(path: Path, workers: int, tensors, n: int) -> float:
     from rtcodetr.cache_teacher import TeacherCache
 
@@ -132,15 +146,19 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()}, cpu count {os.cpu_count()}")
 
     # 1. throughput ------------------------------------------------------------------------------------------------
+    # The forward-alone figure is taken right before and right after the job and averaged: on a shared machine the
+    # available CPU drifts between runs, and bracketing keeps the ratio honest.
     cache = work / "cache_train"
-    res = run(cfg_for(data, teacher, cache, f"batch_size={args.batch_size}", f"num_workers={args.workers}",
-                      "samples_per_shard=16"))
-    fwd = forward_only(data, "train", teacher, res["manifest"], args.batch_size)
+    words = [f"batch_size={args.batch_size}", f"num_workers={args.workers}", "samples_per_shard=16"]
+    fwd_before = forward_only(data, "train", teacher, job_plan(data, teacher, 16), args.batch_size)
+    res = run(cfg_for(data, teacher, cache, *words))
+    fwd_after = forward_only(data, "train", teacher, res["manifest"], args.batch_size)
+    fwd = (fwd_before + fwd_after) / 2
     job = res["images_per_second"]
     g = res["manifest"]["geometry"]
     print(f"\n## 1. throughput ({res['images']} train images, batch {args.batch_size}, {args.workers} workers, "
           f"input {g['input_hw']})")
-    print(f"teacher forward alone : {fwd:8.2f} img/s")
+    print(f"teacher forward alone : {fwd:8.2f} img/s   (before the job {fwd_before:.2f}, after {fwd_after:.2f})")
     print(f"caching job           : {job:8.2f} img/s   (ratio job/forward = {job / fwd:.2f})")
 
     # 2. bytes per image and fidelity --------------------------------------------------------------------------------
