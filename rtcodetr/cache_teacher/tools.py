@@ -70,7 +70,8 @@ def format_info(info: dict[str, Any]) -> str:
         + ("none" if not g.get("normalize") else f"mean {g['normalize']['mean']} std {g['normalize']['std']}")
         + f", boxes relative to {g['box_reference']} input, draft {g.get('draft')}",
         f"precision     {m['precision']['mixed_precision']} on {m['precision']['device_type']}",
-        f"storage       {m['storage']['compressor']}, {m['storage']['samples_per_shard']} samples/shard",
+        f"storage       {m['storage']['compressor']['name']} level {m['storage']['compressor']['level']}, "
+        f"{m['storage']['samples_per_shard']} samples/shard, {m['storage']['num_shards']} shards",
         f"finished      {info['finished_shards']}/{info['num_shards']} shards, "
         f"{info['finished_samples']}/{info['num_samples']} samples",
         "",
