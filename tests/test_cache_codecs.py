@@ -213,3 +213,19 @@ def test_fsspec_url_store(tmp_path):
     assert read_manifest(url)["storage"]["samples_per_shard"] == s
     smp = read_sample(open_source(url), man, 5, ["encoder"])
     assert cosine(smp["encoder"], data["encoder"][5]) > 0.999
+
+
+@pytest.mark.parametrize("reference", ["padded", "unpadded"])
+def test_boxes_to_original_frame_against_float64_reference(reference):
+    from rtcodetr.cache_teacher.geometry import boxes_to_original_frame
+
+    # original 300x400 (h, w) -> input 96x128, padded to 128x160; a box at original xyxy (40, 30, 200, 150)
+    orig_hw, input_hw, padded = (300, 400), (96, 128), (128, 160)
+    sx, sy = input_hw[1] / orig_hw[1], input_hw[0] / orig_hw[0]
+    x1, y1, x2, y2 = 40 * sx, 30 * sy, 200 * sx, 150 * sy  # input pixels
+    ref_h, ref_w = padded if reference == "padded" else input_hw
+    pred = torch.tensor([[[(x1 + x2) / 2 / ref_w, (y1 + y2) / 2 / ref_h, (x2 - x1) / ref_w, (y2 - y1) / ref_h]]])
+    affine = torch.tensor([[[sx, 0, 0], [0, sy, 0], [0, 0, 1]]], dtype=torch.float64)
+    out = boxes_to_original_frame(pred, torch.tensor([input_hw]), affine, torch.tensor([orig_hw]), padded, reference)
+    expect = [120 / 400, 90 / 300, 160 / 400, 120 / 300]  # cxcywh of (40, 30, 200, 150) over (w, h) = (400, 300)
+    np.testing.assert_allclose(out[0, 0].numpy(), expect, rtol=1e-6)
