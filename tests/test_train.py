@@ -31,6 +31,16 @@ def teacher_cache(tmp_path_factory, synthetic_data, tiny_model_dir):
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """In-process training on one thread: on a shared 2-core machine two OpenMP threads can spin-wait a step from
+    0.4 s to 15 s; one thread keeps the time bounded (and the results deterministic)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
@@ -101,20 +111,21 @@ def test_accelerate_launch_two_processes(tmp_path, synthetic_data, tiny_model_di
 
 
 @pytest.mark.slow
-def test_resume_reproduces_uninterrupted_losses(tmp_path, synthetic_data, tiny_model_dir, teacher_cache):
-    """Stop after 3 steps (mid-epoch: 4 steps per epoch), resume, and the loss sequence equals one straight run,
+def test_resume_reproduces_uninterrupted_losses(tmp_path, synthetic_data, tiny_model_dir, teacher_cache, one_thread):
+    """Stop after 3 steps (mid-epoch: 4 steps per epoch), resume into the next epoch, and the loss sequence equals one
+    straight run,
     with the default (random crop, zoom-out, flip, photometric) augmentation and the distillation losses on."""
     from rtcodetr.train_student.train import run
 
-    common = dict(data=synthetic_data.root, model=tiny_model_dir("rtdetr-tiny"), cache=teacher_cache, max_steps=6,
+    common = dict(data=synthetic_data.root, model=tiny_model_dir("rtdetr-tiny"), cache=teacher_cache, max_steps=5,
                   eval_every=0, **{"loss.feature_weight": 1, "loss.prediction_weight": 1})
     straight = run(_cfg(out=tmp_path / "a", **common))
     first = run(_cfg(out=tmp_path / "b", stop_after_steps=3, **common))
     assert first["interrupted"] and first["steps"] == 3 and first["final"] is None
     resumed = run(_cfg(out=tmp_path / "b", resume="auto", **common))
-    assert straight["steps"] == resumed["steps"] == 6
+    assert straight["steps"] == resumed["steps"] == 5
     a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
-    assert [s for s, _ in b] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in b] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([v for _, v in b], [v for _, v in a], rtol=1e-5)
     # and the resumed weights equal the straight run's
     from safetensors.torch import load_file
@@ -124,7 +135,7 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, synthetic_data, tiny_m
 
 
 def test_label_map_mismatch_refuses_prediction_loss_only(tmp_path, synthetic_data, tiny_model_dir, teacher_cache,
-                                                        monkeypatch):
+                                                        monkeypatch, one_thread):
     from rtcodetr.cache_teacher import TeacherCache
     from rtcodetr.train_student.train import run
 
@@ -179,7 +190,7 @@ def test_teacher_targets_follow_real_flip(synthetic_data, teacher_cache):
 
 
 @pytest.mark.slow
-def test_overfit_reaches_nontrivial_train_map(tmp_path):
+def test_overfit_reaches_nontrivial_train_map(tmp_path, one_thread):
     """rtdetr-tiny on 4 synthetic images (batch 4, lr 4e-4, flip only): train mAP50 well above chance.
 
     CPU_RECIPES.md measured >= 0.8 by ~38 s at 256 px in every seed; at 128 px and 200 steps we ask for >= 0.5.

@@ -724,7 +724,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             state.step += 1
             bar.update(1)
 
-            # -- logs: raw and weighted loss parts, learning rates, throughput
+            # -- logs: raw and weighted loss parts (mean over processes), learning rates, throughput
+            if accelerator.num_processes > 1:
+                keys = sorted(running)
+                values = accelerator.reduce(torch.tensor([running[k] for k in keys], device=accelerator.device),
+                                            reduction="mean")
+                running = dict(zip(keys, values.tolist()))
             record: dict[str, Any] = {"type": "train", "step": state.step, "epoch": state.epoch}
             for k, v in running.items():
                 record[f"loss/{k}"] = v
