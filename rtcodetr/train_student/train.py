@@ -104,7 +104,8 @@ class TrainConfig:
     eval_every_steps: int = 0  # steps between validations (0: off)
     eval_batch_size: int | None = None
     max_detections: int = 100
-    checkpoint_every: int = 0  # steps between checkpoints (epoch ends always checkpoint); 0: epoch ends only
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at epoch ends (if enabled) and on stopping
+    checkpoint_epoch_end: bool = True  # also checkpoint at every epoch end (off for tiny sets: one step per epoch)
     keep_checkpoints: int = 2
     resume: str | None = None  # "auto" (latest checkpoint in out/, if any) or a checkpoint directory
     stop_after_steps: int | None = None  # stop (checkpointed) after this many steps without changing the schedule
@@ -761,7 +762,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             state.batch_in_epoch = 0
             if cfg.eval_every and state.epoch % cfg.eval_every == 0 and state.step != last_eval_step:
                 validate()
-            checkpoint()
+            if cfg.checkpoint_epoch_end:
+                checkpoint()
     bar.close()
 
     interrupted = state.step < total_steps
