@@ -209,3 +209,42 @@ def test_overfit_reaches_nontrivial_train_map(tmp_path, one_thread):
     result = run(cfg)
     print("overfit train metrics:", {k: result["metrics"][k] for k in ("mAP", "mAP50")})
     assert result["metrics"]["mAP50"] >= 0.5, result["metrics"]
+
+
+def test_same_command_fine_tunes_conditional_detr_teacher(tmp_path, synthetic_data, tiny_model_dir, one_thread):
+    """teacher_finetune.yaml on a Conditional DETR: the accidental full-backbone freeze is undone, BatchNorm trains
+    when asked, padded shortest-edge batches and gradient accumulation work, best/ loads with transformers."""
+    from transformers import AutoModelForObjectDetection
+
+    from rtcodetr.train_student.train import TrainConfig, run
+
+    cfg = load_config(TrainConfig, REPO / "configs" / "teacher_finetune.yaml", [
+        f"data={synthetic_data.root}", f"model={tiny_model_dir('conditional-detr-tiny')}", f"out={tmp_path / 'run'}",
+        "max_steps=2", "batch_size=2", "grad_accum_steps=2", "num_workers=0", "log_with=[]",
+        "freeze.backbone_batchnorm=true"])
+    result = run(cfg)
+    assert result["steps"] == 2 and result["losses"] == ["detection"]
+    model = AutoModelForObjectDetection.from_pretrained(result["best"])
+    assert model.config.model_type == "conditional_detr"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {k for r in rows if r["type"] == "train" for k in r if k.startswith("lr/")}
+    assert "lr/backbone" in lrs  # the backbone has trainable parameters (not frozen by the name-filter accident)
+
+
+def test_non_finite_loss_stops_with_step_image_ids_and_parts(tmp_path, synthetic_data, tiny_model_dir, monkeypatch,
+                                                             one_thread):
+    from rtcodetr.train_student import train as trainer
+
+    original = trainer.DistillCriterion.forward
+
+    def nan_detection(self, outputs, student_map, batch):
+        losses = original(self, outputs, student_map, batch)
+        losses["detection"] = losses["detection"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer.DistillCriterion, "forward", nan_detection)
+    with pytest.raises(trainer.NonFiniteLossError) as err:
+        trainer.run(_cfg(data=synthetic_data.root, model=tiny_model_dir("rtdetr-tiny"), out=tmp_path / "nan",
+                         max_steps=2, eval_every=0))
+    message = str(err.value)
+    assert "step 0" in message and "image ids [" in message and "'detection': nan" in message

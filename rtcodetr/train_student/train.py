@@ -697,6 +697,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 finite = torch.tensor([float(torch.isfinite(loss).all())], device=accelerator.device)
                 if accelerator.gather(finite).min() < 1:
                     parts = {k: _scalar(v) for k, v in losses.items()}
+                    bar.close()
                     raise NonFiniteLossError(
                         f"non-finite loss at step {state.step} (epoch {state.epoch}, micro-batch "
                         f"{state.batch_in_epoch}) on process {accelerator.process_index}: image ids "
