@@ -595,9 +595,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             ema.load(ckpt / "ema.safetensors")
         log(f"[train] resumed from {ckpt}: step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch}")
 
+    metrics_file = out / "metrics.jsonl"
+    if main and ckpt is not None and metrics_file.is_file():
+        # A crash after the last checkpoint logged steps that will now be redone: drop them so each step appears once.
+        kept = [line for line in metrics_file.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= state.step]
+        metrics_file.write_text("".join(line + "\n" for line in kept))
     if main:
         accelerator.init_trackers("train", config={k: v for k, v in _flat(config_to_dict(cfg)).items()})
-    metrics_file = out / "metrics.jsonl"
 
     def write_metrics(record: dict[str, Any]) -> None:
         if main:
