@@ -86,7 +86,8 @@ def test_accelerate_launch_distill_end_to_end(tmp_path, synthetic_data, tiny_mod
     assert any(r["type"] == "val" and "mAP" in r for r in rows)
     # best/ is the student alone, loadable by transformers alone (no adapter weights in it)
     model = AutoModelForObjectDetection.from_pretrained(out / "best")
-    AutoImageProcessor.from_pretrained(out / "best")
+    processor = AutoImageProcessor.from_pretrained(out / "best")
+    assert (processor.size["height"], processor.size["width"]) == (128, 128)  # the size it was trained at
     assert not any("adapter" in k for k in model.state_dict())
     assert model.config.model_type == "rt_detr"
     assert list((out / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard event file"

@@ -513,6 +513,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                                                     if k in ("mode", "size_hw", "shortest_edge",
                                                                              "longest_edge")}
     normalize = geometry["normalize"]
+    if cfg.image_size:
+        # The saved best/ and final/ must be served at the size they were trained at, not the preset's default.
+        processor.size = {"height": int(cfg.image_size[0]), "width": int(cfg.image_size[1])}
+        log(f"[train] input size {tuple(cfg.image_size)} (h, w); written into the saved image-processor config")
 
     if not cfg.cache and (lcfg.prediction_weight > 0 or lcfg.feature_weight > 0):
         log("[train] no teacher cache given: distillation losses are off (plain training on ground truth)")
