@@ -170,3 +170,34 @@ def test_teacher_boxes_follow_flip_and_crop():
     boxes, keep = teacher_boxes_to_current(cxcywh, orig_hw, crop, (100, 100))
     assert keep.tolist() == [True, False]
     np.testing.assert_allclose(boxes, [[0, 20, 20, 60]], atol=1e-4)
+
+
+def test_batched_prediction_loss_matches_per_pair_reference():
+    """The one-sync batched implementation equals a naive loop over layers x samples (one sample with no teacher
+    boxes left after a crop)."""
+    from torchvision.ops import box_convert, generalized_box_iou
+
+    from rtcodetr.train_student.losses import binary_kl_with_logits
+
+    g = torch.Generator().manual_seed(5)
+    targets = [_teacher(num=7, seed=2), _teacher(num=3, seed=3),
+               PredictionTargets(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0))]
+    logits = torch.randn(3, 2, 9, 4, generator=g)
+    boxes = torch.cat([torch.rand(3, 2, 9, 2, generator=g) * 0.6 + 0.2, torch.rand(3, 2, 9, 2, generator=g) * 0.3 + 0.02], -1)
+    got = PredictionDistillLoss()(logits, boxes, targets)
+    matcher = DistillMatcher()
+    ref = {"pred_class": 0.0, "pred_l1": 0.0, "pred_giou": 0.0}
+    norm = sum(float(t.weight.sum()) for t in targets)
+    for layer in range(2):
+        for b, t in enumerate(targets):
+            src, tgt = matcher(logits[b, layer], boxes[b, layer], t)
+            if len(src) == 0:
+                continue
+            w = t.weight[tgt]
+            ref["pred_class"] += float((binary_kl_with_logits(logits[b, layer, src], t.probs[tgt]).mean(-1) * w).sum())
+            ref["pred_l1"] += float(((boxes[b, layer, src] - t.boxes[tgt]).abs().sum(-1) * w).sum())
+            giou = torch.diag(generalized_box_iou(box_convert(boxes[b, layer, src], "cxcywh", "xyxy"),
+                                                  box_convert(t.boxes[tgt], "cxcywh", "xyxy")))
+            ref["pred_giou"] += float(((1 - giou) * w).sum())
+    for k in ref:
+        assert float(got[k]) == pytest.approx(ref[k] / (norm * 2), rel=1e-5), k

@@ -67,16 +67,21 @@ class DistillMatcher:
         self.class_cost, self.l1_cost, self.giou_cost = class_cost, l1_cost, giou_cost
 
     @torch.no_grad()
+    def cost(self, logits: torch.Tensor, boxes: torch.Tensor, target: PredictionTargets) -> torch.Tensor:
+        """float32 ``[Q, T]`` matching cost (on the logits' device) of student queries vs teacher predictions."""
+        logits, boxes = logits.float(), boxes.float()
+        t_boxes = target.boxes.float()
+        cost = self.class_cost * pairwise_class_cost(logits, target.probs.float())
+        cost = cost + self.l1_cost * torch.cdist(boxes, t_boxes, p=1)
+        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(t_boxes, "cxcywh", "xyxy"))
+        return cost - self.giou_cost * giou
+
+    @torch.no_grad()
     def __call__(self, logits: torch.Tensor, boxes: torch.Tensor, target: PredictionTargets) -> tuple[np.ndarray, np.ndarray]:
         """logits ``[Q, K]``, boxes ``[Q, 4]`` normalized cxcywh -> (student indices ``[M]``, teacher indices ``[M]``)."""
         if target.boxes.shape[0] == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        logits, boxes = logits.float(), boxes.float()
-        cost = self.class_cost * pairwise_class_cost(logits, target.probs.float())
-        cost = cost + self.l1_cost * torch.cdist(boxes, target.boxes.float(), p=1)
-        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(target.boxes.float(), "cxcywh", "xyxy"))
-        cost = cost - self.giou_cost * giou
-        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        rows, cols = linear_sum_assignment(self.cost(logits, boxes, target).cpu().numpy())
         return rows.astype(np.int64), cols.astype(np.int64)
 
 
@@ -87,6 +92,9 @@ class PredictionDistillLoss(nn.Module):
     each matched pair contributes, weighted by the teacher's confidence ``w``:
     ``class`` = mean_k KL(teacher_prob || sigmoid(student_logit)), ``l1`` = |box_s - box_t|_1 (normalized cxcywh),
     ``giou`` = 1 - GIoU. Each is normalised by the total teacher confidence and averaged over layers.
+
+    All cost matrices of a step go to the host in one copy (one device sync per step, not one per layer x sample),
+    and the losses are computed on all matched pairs at once.
     """
 
     def __init__(self, matcher: DistillMatcher | None = None):
@@ -99,31 +107,51 @@ class PredictionDistillLoss(nn.Module):
         """layer_logits ``[B, L, Q, K]`` pre-sigmoid, layer_boxes ``[B, L, Q, 4]`` normalized cxcywh (denoising queries
         already removed) -> {"pred_class", "pred_l1", "pred_giou"} scalar tensors (float32)."""
         num_layers = layer_logits.shape[1]
+        device = layer_logits.device
         zero = layer_logits.sum() * 0.0  # keeps the graph connected when nothing matches
-        total = {"pred_class": zero, "pred_l1": zero, "pred_giou": zero}
         norm = sum(float(t.weight.sum()) for t in targets)
         if norm <= 0:
-            return total
-        for layer in range(num_layers):
-            cls_sum, l1_sum, giou_sum = zero, zero, zero
-            for b, target in enumerate(targets):
-                logits, boxes = layer_logits[b, layer].float(), layer_boxes[b, layer].float()
-                src, tgt = self.matcher(logits, boxes, target)
-                if len(src) == 0:
-                    continue
-                src_t = torch.as_tensor(src, device=logits.device)
-                tgt_t = torch.as_tensor(tgt, device=logits.device)
-                w = target.weight[tgt_t].float()
-                s_logits, t_probs = logits[src_t], target.probs[tgt_t].float()
-                s_boxes, t_boxes = boxes[src_t], target.boxes[tgt_t].float()
-                cls_sum = cls_sum + (binary_kl_with_logits(s_logits, t_probs).mean(-1) * w).sum()
-                l1_sum = l1_sum + ((s_boxes - t_boxes).abs().sum(-1) * w).sum()
-                giou = torch.diag(generalized_box_iou(box_convert(s_boxes, "cxcywh", "xyxy"), box_convert(t_boxes, "cxcywh", "xyxy")))
-                giou_sum = giou_sum + ((1 - giou) * w).sum()
-            total["pred_class"] = total["pred_class"] + cls_sum / norm
-            total["pred_l1"] = total["pred_l1"] + l1_sum / norm
-            total["pred_giou"] = total["pred_giou"] + giou_sum / norm
-        return {k: v / num_layers for k, v in total.items()}
+            return {"pred_class": zero, "pred_l1": zero, "pred_giou": zero}
+        problems = [(b, layer) for layer in range(num_layers) for b, t in enumerate(targets) if len(t.boxes)]
+        costs = [self.matcher.cost(layer_logits[b, layer], layer_boxes[b, layer], targets[b]) for b, layer in problems]
+        flat = torch.cat([c.flatten() for c in costs]).cpu().numpy()
+        offsets = np.cumsum([0] + [len(t.boxes) for t in targets])
+        idx_b, idx_l, idx_q, idx_t = [], [], [], []
+        start = 0
+        for (b, layer), c in zip(problems, costs):
+            q, t = c.shape
+            rows, cols = linear_sum_assignment(flat[start:start + q * t].reshape(q, t))
+            start += q * t
+            idx_b.append(np.full(len(rows), b))
+            idx_l.append(np.full(len(rows), layer))
+            idx_q.append(rows)
+            idx_t.append(cols + offsets[b])
+        as_t = lambda parts: torch.as_tensor(np.concatenate(parts), dtype=torch.long, device=device)  # noqa: E731
+        b_i, l_i, q_i, t_i = as_t(idx_b), as_t(idx_l), as_t(idx_q), as_t(idx_t)
+        s_logits = layer_logits[b_i, l_i, q_i].float()
+        s_boxes = layer_boxes[b_i, l_i, q_i].float()
+        t_probs = torch.cat([t.probs for t in targets]).float().to(device)[t_i]
+        t_boxes = torch.cat([t.boxes for t in targets]).float().to(device)[t_i]
+        w = torch.cat([t.weight for t in targets]).float().to(device)[t_i]
+        giou = _paired_giou(box_convert(s_boxes, "cxcywh", "xyxy"), box_convert(t_boxes, "cxcywh", "xyxy"))
+        scale = norm * num_layers
+        return {
+            "pred_class": (binary_kl_with_logits(s_logits, t_probs).mean(-1) * w).sum() / scale,
+            "pred_l1": ((s_boxes - t_boxes).abs().sum(-1) * w).sum() / scale,
+            "pred_giou": ((1 - giou) * w).sum() / scale,
+        }
+
+
+def _paired_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GIoU of row-aligned xyxy boxes ``[M, 4]`` x ``[M, 4]`` -> ``[M]`` (the diagonal, without the ``[M, M]`` matrix)."""
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = area_a + area_b - inter
+    iou = inter / union.clamp(min=1e-7)
+    hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).clamp(min=0).prod(-1)
+    return iou - (hull - union) / hull.clamp(min=1e-7)
 
 
 FeatureLossKind = Literal["mse", "pkd", "cosine"]
