@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEACHER ?= rtdetr
+TEACHER_FROM ?=
 DEMO_OUT ?= runs/demo
 
 export HF_HUB_OFFLINE ?= 1
@@ -24,7 +25,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/rtcodetr demo --out $(DEMO_OUT) --teacher $(TEACHER)
+	$(VENV)/bin/rtcodetr demo --out $(DEMO_OUT) --teacher $(TEACHER) $(if $(TEACHER_FROM),--teacher-from $(TEACHER_FROM))
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

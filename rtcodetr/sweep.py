@@ -71,10 +71,11 @@ def train_command(cfg: SweepConfig, arm: str, seed: int) -> list[str]:
     """The exact command line of one arm x seed run (logged in sweep.json, so any run can be redone by hand)."""
     run_dir = run_dir_for(cfg, arm, seed)
     overrides = [f"data={cfg.data}", f"model={cfg.model}", f"out={run_dir}", f"seed={seed}"]
-    if cfg.cache:
-        overrides.append(f"cache={cfg.cache}")
+    arm_overrides = flatten_overrides(cfg.arms[arm] or {})
+    if cfg.cache and not any(w.startswith("cache=") for w in arm_overrides):
+        overrides.append(f"cache={cfg.cache}")  # an arm may say cache: null (the baseline never opens the cache)
     overrides += list(cfg.train_overrides)
-    overrides += flatten_overrides(cfg.arms[arm] or {})
+    overrides += arm_overrides
     overrides.append("resume=auto")
     if cfg.launcher == "accelerate":
         head = [sys.executable, "-m", "accelerate.commands.launch", *cfg.launch_args, "-m", "rtcodetr.train_student"]

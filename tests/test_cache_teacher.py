@@ -111,13 +111,15 @@ def _check_against_direct(model_dir, cache_path, data, indices, split="train"):
             assert np.abs(got[name] - r).max() <= 2e-3 * np.abs(r).max() + 1e-6, name
             assert cosine(got[name], r) > 0.9999
         np.testing.assert_allclose(got["logits"], ref["logits"].numpy(), rtol=1e-4, atol=1e-4)
-        # boxes: fractions of the padded input -> fractions of the original image. The input is the original image
-        # scaled by (ax, ay) (= nw / w0, nh / h0 without draft decoding; a JPEG draft adds the DCT's partial block),
-        # so a fraction of the padded width becomes * wp / (ax * w0).
+        # boxes: fractions of the reference input (padded, or the unpadded resized image) -> fractions of the
+        # original image. The input is the original image scaled by (ax, ay) (= nw / w0, nh / h0 without draft
+        # decoding; a JPEG draft adds the DCT's partial block), so a fraction of the reference width becomes
+        # * ref_w / (ax * w0).
         nh, nw = (int(x) for x in ref["input_hw"])
         h0, w0 = (int(x) for x in ref["orig_hw"])
         ax, ay = float(ref["affine"][0, 0]), float(ref["affine"][1, 1])
-        fx, fy = wp / (ax * w0), hp / (ay * h0)
+        ref_h, ref_w = (hp, wp) if g["box_reference"] == "padded" else (nh, nw)
+        fx, fy = ref_w / (ax * w0), ref_h / (ay * h0)
         expect = ref["pred_boxes"].double().numpy() * np.array([fx, fy, fx, fy])
         np.testing.assert_allclose(got["boxes"], expect, rtol=1e-4, atol=1e-4)
         assert got["input_hw"].tolist() == [nh, nw]

@@ -26,6 +26,7 @@ def test_layers_defaults_yaml_and_overrides(tmp_path: Path):
     f = tmp_path / "c.yaml"
     f.write_text("batch_size: 8\noptim:\n  lr: 0.001\n")
     cfg = load_config(Cfg, f, ["max_steps=20", "optim.betas=[0.5, 0.6]", "amp=true"])
+    assert load_config(Cfg, None, ["optim.lr=1e-4"]).optim.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string
     assert cfg.batch_size == 8 and cfg.optim.lr == 0.001 and cfg.max_steps == 20
     assert cfg.optim.betas == (0.5, 0.6) and cfg.amp is True
     save_config(cfg, tmp_path / "out.yaml")

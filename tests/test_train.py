@@ -26,8 +26,9 @@ def teacher_cache(tmp_path_factory, synthetic_data, tiny_model_dir):
     from rtcodetr.cache_teacher import CacheConfig, run
 
     out = tmp_path_factory.mktemp("cache") / "cache"
+    # float32: a random-init RT-DETR's encoder map is ~1e-10, which float16 would store as zeros (the writer warns)
     run(CacheConfig(data=str(synthetic_data.root), teacher=str(tiny_model_dir("rtdetr-small")), out=str(out),
-                    num_workers=0, batch_size=8, progress=False))
+                    num_workers=0, batch_size=8, progress=False, dtype="float32"))
     return out
 
 

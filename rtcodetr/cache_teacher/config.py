@@ -24,9 +24,11 @@ class GeometryConfig:
     longest_edge: Optional[int] = None
     pad_hw: Optional[list[int]] = None
     pad_multiple: int = 32
-    # What the teacher's normalized pred_boxes are fractions of when inputs are padded: "padded" (transformers'
-    # DETR processors rescale target boxes to the padded size) or "unpadded" (original DETR repos).
-    box_reference: str = "padded"
+    # What the teacher's normalized pred_boxes are fractions of when inputs are padded: "unpadded" (original DETR /
+    # Conditional DETR training, hence the hub checkpoints, and rtcodetr's own trainer, which normalises targets by
+    # each image before batch padding) or "padded" (a teacher fine-tuned with transformers' processors and
+    # pad(update_bboxes=True)). RT-DETR inputs are not padded: both give the same boxes.
+    box_reference: str = "unpadded"
 
 
 @dataclass

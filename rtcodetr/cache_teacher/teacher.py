@@ -96,7 +96,7 @@ class Teacher:
 
     @torch.no_grad()
     def forward(self, batch: dict[str, torch.Tensor], tensors: Sequence[str], padded_hw: Sequence[int],
-                box_reference: str = "padded") -> dict[str, torch.Tensor]:
+                box_reference: str = "unpadded") -> dict[str, torch.Tensor]:
         """Run the teacher on a ``PadCollate`` batch.
 
         Returns ``{name: float32 CPU tensor}`` for ``tensors``: ``backbone``/``encoder`` ``[B, C, Hf, Wf]``,

@@ -1,0 +1,53 @@
+"""The demo pipeline end to end at its smallest settings: every stage runs for real (synthetic set, teacher training,
+cache, baseline + distilled students, YOLO11n, evaluation), and the report and summary say what happened."""
+import json
+import struct
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_smallest_settings_end_to_end(tmp_path, capsys):
+    from rtcodetr.demo import main
+
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "train_images=8", "val_images=4", "test_images=2", "image_size=128",
+            "teacher_steps=3", "student_steps=3", "teacher_batch_size=4", "student_batch_size=4", "yolo_epochs=1",
+            "latency_warmup=1", "latency_iterations=2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+
+    report = json.loads((out / "report.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names == ["teacher", "baseline", "distilled", "yolo11"]
+    for m in report["models"]:
+        assert 0.0 <= m["mAP"] <= 1.0 and 0.0 <= m["mAP50"] <= 1.0 and m["params"] > 0
+        assert m["latency_ms"] is not None
+    kinds = {m["name"]: m["kind"] for m in report["models"]}
+    assert kinds["yolo11"] == "ultralytics" and kinds["teacher"] == "transformers"
+    md = (out / "report.md").read_text()
+    assert all(n in md for n in names)
+    png = (out / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24])[0] > 100
+
+    # the students shared one schedule and seed; only the distilled one read the cache
+    base_cfg = (out / "baseline" / "config.yaml").read_text()
+    dist_cfg = (out / "distilled" / "config.yaml").read_text()
+    assert "cache: null" in base_cfg and "cache: null" not in dist_cfg
+    drop = lambda text: [l for l in text.splitlines() if not l.startswith(("out:", "cache:"))]  # noqa: E731
+    assert drop(base_cfg) == drop(dist_cfg)
+    dist_metrics = [json.loads(l) for l in (out / "distilled" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in dist_metrics if r["type"] == "train"]
+    assert train_rows and all("loss/feature" in r and "loss/pred_class" in r for r in train_rows), train_rows[0]
+    base_rows = [json.loads(l) for l in (out / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("loss/feature" in r for r in base_rows)
+
+    summary = (out / "summary.txt").read_text()
+    assert "distilled student" in summary.lower() and ("beat the baseline" in summary)
+    assert "the teacher" in summary and summary.strip() in printed
+
+    # a second run reuses every finished stage instead of training again
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert printed.count("reusing") < capsys.readouterr().out.count("reusing")
