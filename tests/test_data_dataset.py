@@ -190,3 +190,19 @@ def test_writer_rejects_records_breaking_the_contract(tmp_path):
         _tiny_prepared(tmp_path, [dict(ok, file_name="../a.jpg")], [])
     with pytest.raises(PreparedDataError, match="orientation"):
         _tiny_prepared(tmp_path, [dict(ok, orientation="rot90")], [])
+
+
+def test_non_rgb_files_decode_to_rgb(tmp_path):
+    """Greyscale JPEG and palette PNG come out as RGB with the same pixels (RGB files skip the conversion copy)."""
+    (tmp_path / "img").mkdir()
+    grey = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (16, 1))  # 16 x 32
+    Image.fromarray(grey).save(tmp_path / "img" / "g.png")
+    Image.fromarray(grey).convert("P").save(tmp_path / "img" / "p.png")
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "img" / "c.png")
+    data = _tiny_prepared(tmp_path, [{"id": k + 1, "file_name": f, "width": 32, "height": 16, "orientation": "raw"}
+                                     for k, f in enumerate(("g.png", "p.png", "c.png"))], [])
+    ds = CocoDetection(data, "train")
+    for i in range(3):
+        img, _ = ds.load(i)
+        assert img.mode == "RGB" and img.size == (32, 16)
+        np.testing.assert_array_equal(np.asarray(img), np.stack([grey] * 3, -1))

@@ -304,3 +304,16 @@ def test_box_conversions_roundtrip_numpy_and_torch():
     np.testing.assert_allclose(affine_boxes(xyxy, flip), [[150, 20, 190, 80]])
     np.testing.assert_allclose(clip_boxes(np.array([[-5, -1, 250, 90]]), (80, 200)), [[0, 0, 200, 80]])
     assert Compose([]).augmenting and ToTensor()(Image.new("RGB", (4, 3)), {})[0].shape == (3, 3, 4)
+
+
+def test_to_tensor_is_exact_contiguous_and_always_three_channels():
+    arr = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    t, _ = ToTensor()(Image.fromarray(arr), {})
+    assert t.dtype == torch.float32 and t.is_contiguous() and t.shape == (3, 5, 7)
+    assert torch.equal(t, torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32) / 255.0)
+    grey, _ = ToTensor()(Image.fromarray(arr[..., 0]), {})  # "L" -> RGB: three equal channels
+    assert grey.shape == (3, 5, 7) and torch.equal(grey[0], grey[2])
+    assert torch.equal(grey[1], torch.from_numpy(arr[..., 0]).to(torch.float32) / 255.0)
+    u8 = torch.from_numpy(arr).permute(2, 0, 1)
+    from_tensor, _ = ToTensor()(u8, {})
+    assert torch.equal(from_tensor, t) and from_tensor.is_contiguous() and u8.dtype == torch.uint8

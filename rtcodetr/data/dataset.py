@@ -52,7 +52,9 @@ def decode_image(
             im.load()  # decodes every byte: a truncated file fails here, not later in a worker
             if orientation == "exif" and im.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1):
                 im = ImageOps.exif_transpose(im)  # (skipped without a tag: it would copy the whole image)
-            out = im.convert("RGB")
+            # convert() copies even when the mode already matches: skip it for RGB (every JPEG, draft or not);
+            # the decoded pixels outlive the `with` (it only closes the file)
+            out = im if im.mode == "RGB" else im.convert("RGB")
     except FileNotFoundError:
         raise ImageDecodeError(f"image file not found: {path}{what}") from None
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
@@ -152,14 +154,13 @@ class CocoDetection(torch.utils.data.Dataset):
             raise IndexError(f"sample {i} out of range for {len(self)} images in split '{self.split}'")
         target = self.target(i)
         orientation = "exif" if self.exif[i] else "raw"
-        image, scale = decode_image(
-            self.image_path(i), orientation, self.draft_size, what=f" (image id {int(self.image_ids[i])})"
-        )
+        path = self.image_path(i)
+        image, scale = decode_image(path, orientation, self.draft_size, what=f" (image id {target['image_id']})")
         h, w = int(self.heights[i]), int(self.widths[i])
         exp_w, exp_h = (w, h) if scale == 1.0 else (int(np.ceil(w * scale)), int(np.ceil(h * scale)))
         if image.size != (exp_w, exp_h):
             raise ImageDecodeError(
-                f"{self.image_path(i)} (image id {int(self.image_ids[i])}): decoded size {image.size[0]}x"
+                f"{path} (image id {target['image_id']}): decoded size {image.size[0]}x"
                 f"{image.size[1]} does not match the annotated width x height {w}x{h} (orientation {orientation}); "
                 "re-run `rtcodetr data taco` on the current files"
             )

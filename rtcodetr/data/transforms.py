@@ -27,7 +27,6 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -375,12 +374,15 @@ class ToTensor(Transform):
 
     def __call__(self, image: Any, target: Target) -> tuple[Any, Target]:
         if isinstance(image, Image.Image):
-            arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
-            t = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+            # one copy of the pixels (pil_to_tensor); convert() would add another even for an RGB image
+            t = TF.pil_to_tensor(image if image.mode == "RGB" else image.convert("RGB"))
         else:
             t = torch.as_tensor(image)
-        t = t.to(torch.float32) / 255.0 if not t.is_floating_point() else t.to(torch.float32)
-        return t.contiguous(), _copy_target(target)
+        if t.is_floating_point():
+            return t.to(torch.float32).contiguous(), _copy_target(target)
+        # the HWC -> CHW permute is undone while casting, so scaling is one in-place pass on a contiguous tensor
+        t = t.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+        return t, _copy_target(target)
 
 
 class Normalize(Transform):
