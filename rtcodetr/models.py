@@ -18,10 +18,10 @@ rtdetr-small           CPU demo teacher: ResNet-vd [32,64,128,256], d 128       
 =====================  ============================================================  =================  ======
 
 GFLOPs at 640x640, batch 1, with ``rtcodetr.evaluate.complexity.count_flops`` (2 FLOPs per MAC).
-The exact counts are asserted in ``tests/test_models.py``. Timm is not a dependency, so the Conditional DETR presets
-use the transformers ResNet backbone (``use_timm_backbone=False``): same layers and parameter count as the timm
-ResNet-50 of the hub checkpoint, different parameter names (a hub checkpoint loads through ``--from``, which keeps
-the checkpoint's own architecture).
+The exact counts are asserted in ``tests/test_models.py``. The Conditional DETR presets use the transformers ResNet
+backbone (``use_timm_backbone=False``): same layers and parameter count as the timm ResNet-50 of the hub checkpoint,
+different parameter names. A hub checkpoint loads through ``--from``, which keeps the checkpoint's own (timm)
+architecture; that is what the ``timm`` dependency is for.
 
 Input geometry and normalisation always come from a model's own image processor (see ``processor_geometry``):
 RT-DETR takes plain ``[0, 1]`` pixels (``do_normalize=False``) resized to a fixed 640x640 (320x320 for the tiny CPU
@@ -65,34 +65,39 @@ def _labels(id2label: Mapping[int, str]) -> dict[str, Any]:
     return {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
 
 
-def _conditional_detr_r50(id2label: Mapping[int, str]):
+def _conditional_detr(
+    id2label: Mapping[int, str], *, embedding_size: int, hidden_sizes: Sequence[int], depths: Sequence[int],
+    layer_type: str, d_model: int, layers: int, heads: int, ffn_dim: int, **overrides: Any,
+):
+    """Conditional DETR on the transformers ResNet (C5 only out), with symmetric encoder/decoder sizes."""
     from transformers import ConditionalDetrConfig, ResNetConfig
 
-    # microsoft/conditional-detr-resnet-50: ResNet-50 (torchvision-style stride in the 3x3 conv, which is HF's
-    # default downsample_in_bottleneck=False), C5 only, 6+6 layers, d_model 256, 300 queries, focal loss.
     backbone = ResNetConfig(
-        embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3], layer_type="bottleneck",
+        embedding_size=embedding_size, hidden_sizes=list(hidden_sizes), depths=list(depths), layer_type=layer_type,
         out_features=["stage4"],
     )
     return ConditionalDetrConfig(
-        backbone_config=backbone, use_timm_backbone=False, num_queries=300, d_model=256,
-        encoder_layers=6, decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8,
-        encoder_ffn_dim=2048, decoder_ffn_dim=2048, dropout=0.1, auxiliary_loss=False, **_labels(id2label),
+        backbone_config=backbone, use_timm_backbone=False, d_model=d_model, encoder_layers=layers,
+        decoder_layers=layers, encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn_dim,
+        decoder_ffn_dim=ffn_dim, **overrides, **_labels(id2label),
+    )
+
+
+def _conditional_detr_r50(id2label: Mapping[int, str]):
+    # microsoft/conditional-detr-resnet-50: ResNet-50 (torchvision-style stride in the 3x3 conv, which is HF's
+    # default downsample_in_bottleneck=False), C5 only, 6+6 layers, d_model 256, 300 queries, focal loss.
+    return _conditional_detr(
+        id2label, embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
+        layer_type="bottleneck", d_model=256, layers=6, heads=8, ffn_dim=2048, num_queries=300, dropout=0.1,
+        auxiliary_loss=False,
     )
 
 
 def _conditional_detr_tiny(id2label: Mapping[int, str]):
-    from transformers import ConditionalDetrConfig, ResNetConfig
-
     # CPU_RECIPES: 10 queries and dropout 0 (100 or 30 queries collapse to one box from scratch), aux loss on.
-    backbone = ResNetConfig(
-        embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], layer_type="basic",
-        out_features=["stage4"],
-    )
-    return ConditionalDetrConfig(
-        backbone_config=backbone, use_timm_backbone=False, num_queries=10, d_model=128,
-        encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=256, decoder_ffn_dim=256, dropout=0.0, auxiliary_loss=True, **_labels(id2label),
+    return _conditional_detr(
+        id2label, embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], layer_type="basic",
+        d_model=128, layers=2, heads=4, ffn_dim=256, num_queries=10, dropout=0.0, auxiliary_loss=True,
     )
 
 
