@@ -58,27 +58,64 @@ def _stage(n: int, title: str) -> None:
     print(f"\n=== [{n}/6] {title}", flush=True)
 
 
-def _train(config_file: str, overrides: list[str]) -> dict[str, Any]:
-    """Run the trainer in this process (one process: the CPU demo); return its results dict."""
+def _train(config_file: str, out: Path, overrides: list[str]) -> tuple[dict[str, Any], bool]:
+    """Run the trainer in this process (one process: the CPU demo) unless ``out`` already finished.
+
+    Returns (the run's results dict, whether it was reused)."""
     from rtcodetr.train_student.train import TrainConfig, run as train_run
 
-    out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("out=")))
     done = out / "results.json"
     if done.is_file():
         print(f"    reusing finished run {out}", flush=True)
-        return json.loads(done.read_text())
-    cfg = load_config(TrainConfig, config_file, overrides + ["resume=auto"])
-    return train_run(cfg)
+        return json.loads(done.read_text()), True
+    cfg = load_config(TrainConfig, config_file, [*overrides, f"out={out}", "resume=auto"])
+    return train_run(cfg), False
+
+
+def _init_once(preset: str, data_dir: Path, out: Path, from_: str | None = None) -> Path:
+    """``init_model`` unless ``out`` already holds the model (a rerun keeps the same initial weights)."""
+    from rtcodetr.models import init_model
+
+    if (out / "config.json").is_file():
+        return out
+    return init_model(preset, data_dir, out, from_=from_)
+
+
+def _yolo_finished(run_dir: Path, epochs: int) -> bool:
+    """ultralytics writes best.pt after every epoch; a run is finished when results.csv has all its epochs."""
+    csv = run_dir / "results.csv"
+    if not (run_dir / "weights" / "best.pt").is_file() or not csv.is_file():
+        return False
+    return len([line for line in csv.read_text().splitlines()[1:] if line.strip()]) >= epochs
+
+
+def _check_same_settings(cfg: DemoConfig, saved: Path) -> None:
+    """Finished stages are reused on a rerun, so a rerun with other settings into the same ``out`` would mix runs."""
+    if not saved.is_file():
+        return
+    import yaml
+
+    before = yaml.safe_load(saved.read_text()) or {}
+    now = config_to_dict(cfg)
+    changed = [k for k in now if k != "out" and k in before and before[k] != now[k]]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"{saved} was written with {k}={before[k]!r}, this run has {k}={now[k]!r}: finished stages "
+                          f"would be reused with the old settings; use another --out or delete {saved.parent}")
 
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
     from rtcodetr.data.prepared import PreparedData
     from rtcodetr.data.synthetic import make_synthetic
-    from rtcodetr.models import init_model
 
     if cfg.teacher not in ("rtdetr", "conditional-detr"):
         raise ConfigError(f"demo teacher must be 'rtdetr' or 'conditional-detr', got '{cfg.teacher}'")
+    if cfg.teacher == "conditional-detr" and not cfg.teacher_from:
+        raise ConfigError("teacher=conditional-detr needs teacher_from=PATH_OR_HUB_ID (pretrained Conditional "
+                          "DETR weights, e.g. a local copy of microsoft/conditional-detr-resnet-50): from random "
+                          "init on CPU it would be weaker than its student")
     out = Path(cfg.out)
+    _check_same_settings(cfg, out / "demo_config.yaml")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo_config.yaml")
     timings: dict[str, float] = {}
@@ -105,22 +142,13 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         print(f"    A larger RT-DETR ({cfg.teacher_preset}) trained longer than the students is the CPU demo's teacher:\n"
               "    from random init on CPU a tiny Conditional DETR would be weaker than its student. The real TACO\n"
               "    path uses Conditional DETR fine-tuned from pretrained weights (see README).", flush=True)
-        teacher_init = init_model(cfg.teacher_preset, data_dir, out / "init" / "teacher") \
-            if not (out / "init" / "teacher" / "config.json").is_file() else out / "init" / "teacher"
-        teacher_overrides = [f"max_steps={cfg.teacher_steps}", f"batch_size={cfg.teacher_batch_size}"]
+        teacher_init = _init_once(cfg.teacher_preset, data_dir, out / "init" / "teacher")
         teacher_config = cfg.teacher_config
     else:
-        if not cfg.teacher_from:
-            raise ConfigError("teacher=conditional-detr needs teacher_from=PATH_OR_HUB_ID (pretrained Conditional "
-                              "DETR weights, e.g. a local copy of microsoft/conditional-detr-resnet-50): from random "
-                              "init on CPU it would be weaker than its student")
-        teacher_init = out / "init" / "teacher"
-        if not (teacher_init / "config.json").is_file():
-            teacher_init = init_model("conditional-detr-r50", data_dir, teacher_init, from_=cfg.teacher_from)
-        teacher_overrides = [f"max_steps={cfg.teacher_steps}", f"batch_size={cfg.teacher_batch_size}"]
+        teacher_init = _init_once("conditional-detr-r50", data_dir, out / "init" / "teacher", from_=cfg.teacher_from)
         teacher_config = str(REPO_CONFIGS / "teacher_finetune.yaml")
-    teacher_reused = (out / "teacher" / "results.json").is_file()
-    teacher_run = _train(teacher_config, common + [f"model={teacher_init}", f"out={out / 'teacher'}"] + teacher_overrides)
+    teacher_run, teacher_reused = _train(teacher_config, out / "teacher", common + [
+        f"model={teacher_init}", f"max_steps={cfg.teacher_steps}", f"batch_size={cfg.teacher_batch_size}"])
     teacher_dir = Path(teacher_run.get("best") or out / "teacher" / "best")
     timings["teacher"] = time.time() - t0
 
@@ -138,22 +166,25 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
     _stage(4, f"students ({cfg.student_preset}): baseline and distilled twin, same schedule and seed")
     t0 = time.time()
-    student_init = out / "init" / "student"
-    if not (student_init / "config.json").is_file():
-        init_model(cfg.student_preset, data_dir, student_init)
+    student_init = _init_once(cfg.student_preset, data_dir, out / "init" / "student")
     student_common = common + [f"model={student_init}", f"max_steps={cfg.student_steps}",
                                f"batch_size={cfg.student_batch_size}"]
-    baseline_run = _train(cfg.student_config, student_common + [f"out={out / 'baseline'}"])
-    distilled_run = _train(cfg.student_config, student_common + [f"out={out / 'distilled'}", f"cache={cache_dir}",
-                                                                 *cfg.distill_overrides])
+    baseline_run, _ = _train(cfg.student_config, out / "baseline", student_common)
+    distilled_run, _ = _train(cfg.student_config, out / "distilled",
+                              student_common + [f"cache={cache_dir}", *cfg.distill_overrides])
     timings["students"] = time.time() - t0
 
     _stage(5, f"YOLO11 baseline ({cfg.yolo_model}, {cfg.yolo_epochs} epochs)")
     t0 = time.time()
     from rtcodetr.evaluate.yolo import train_yolo
 
-    yolo_weights = train_yolo(data_dir, cfg.yolo_model, out / "yolo", epochs=cfg.yolo_epochs, imgsz=cfg.image_size,
-                              batch=cfg.student_batch_size, seed=cfg.seed)
+    yolo_dir = out / "yolo"
+    if _yolo_finished(yolo_dir, cfg.yolo_epochs):
+        print(f"    reusing finished run {yolo_dir}", flush=True)
+        yolo_weights = yolo_dir / "weights" / "best.pt"
+    else:
+        yolo_weights = train_yolo(data_dir, cfg.yolo_model, yolo_dir, epochs=cfg.yolo_epochs, imgsz=cfg.image_size,
+                                  batch=cfg.student_batch_size, seed=cfg.seed)
     timings["yolo"] = time.time() - t0
 
     _stage(6, f"evaluate all four on the {cfg.eval_split} split")

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 
 from rtcodetr.config import ConfigError, config_to_dict, load_config, save_config, split_overrides
 
@@ -49,12 +48,8 @@ def flatten_overrides(mapping: dict[str, Any], prefix: str = "") -> list[str]:
     for key, value in mapping.items():
         if isinstance(value, dict):
             words += flatten_overrides(value, f"{prefix}{key}.")
-        else:
-            text = yaml.safe_dump(value, default_flow_style=True).strip()
-            if text.endswith("\n..."):
-                text = text[: -len("\n...")]
-            text = text.removesuffix("...").strip()
-            words.append(f"{prefix}{key}={text}")
+        else:  # JSON is YAML: null, true, 0.0, [1, 2] parse back to the same value; plain strings stay bare
+            words.append(f"{prefix}{key}={value if isinstance(value, str) else json.dumps(value)}")
     return words
 
 

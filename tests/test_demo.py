@@ -50,4 +50,12 @@ def test_demo_smallest_settings_end_to_end(tmp_path, capsys):
     # a second run reuses every finished stage instead of training again
     capsys.readouterr()
     assert main(argv) == 0
-    assert printed.count("reusing") < capsys.readouterr().out.count("reusing")
+    again = capsys.readouterr().out
+    assert printed.count("reusing") < again.count("reusing")
+    assert again.count("reusing finished run") == 4  # teacher, baseline, distilled, yolo: nothing retrained
+
+    # other settings into the same output would mix runs: refused, naming the setting
+    from rtcodetr.config import ConfigError
+
+    with pytest.raises(ConfigError, match="student_steps=3.*student_steps=4"):
+        main([*argv, "student_steps=4"])
