@@ -39,10 +39,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from rtcodetr.config import config_to_dict
-from rtcodetr.data.dataset import ImageDecodeError, decode_image
+from rtcodetr.data.dataset import EXIF_ORIENTATION, ImageDecodeError, decode_image
 from rtcodetr.data.prepared import LabelMap, PreparedData, SplitRecords, safe_relative_path, sha256_file, write_prepared
 
-EXIF_ORIENTATION = 0x0112
 SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that transpose the image
 MAX_LISTED = 5
 
@@ -91,6 +90,7 @@ class SourceDataset:
     annotations: list[dict]
     label_map: LabelMap
     report: dict = field(default_factory=dict)
+    source_image_ids: set[int] = field(default_factory=set)  # every image id of the file, kept or dropped
 
 
 def _err(path: Path, where: str, msg: str) -> DatasetError:
@@ -106,6 +106,15 @@ def _int_field(path: Path, where: str, rec: dict, key: str, positive: bool = Fal
     if positive and v <= 0:
         raise _err(path, where, f"field '{key}' must be positive, got {v!r}")
     return int(v)
+
+
+def _record_id(path: Path, section: str, k: int, rec: Any) -> tuple[int, str]:
+    """``section[k]`` must be an object with an integer ``id``; return the id and ``"section[k] (id N)"``."""
+    where = f"{section}[{k}]"
+    if not isinstance(rec, dict):
+        raise _err(path, where, "must be an object")
+    rid = _int_field(path, where, rec, "id")
+    return rid, f"{where} (id {rid})"
 
 
 def read_coco(path: str | Path) -> dict:
@@ -132,14 +141,11 @@ def build_label_map(path: Path, categories: list[dict], classes: str) -> tuple[L
     """Label map from the file's categories (sorted by id) and the map ``source category id -> label``."""
     cats: dict[int, dict] = {}
     for k, c in enumerate(categories):
-        where = f"categories[{k}]"
-        if not isinstance(c, dict):
-            raise _err(path, where, "must be an object")
-        cid = _int_field(path, where, c, "id")
+        cid, where = _record_id(path, "categories", k, c)
         if cid in cats:
-            raise _err(path, where, f"field 'id' {cid} is repeated")
+            raise _err(path, f"categories[{k}]", f"field 'id' {cid} is repeated")
         if not isinstance(c.get("name"), str) or not c["name"]:
-            raise _err(path, f"{where} (id {cid})", "field 'name' is missing or empty")
+            raise _err(path, where, "field 'name' is missing or empty")
         cats[cid] = c
     ordered = [cats[i] for i in sorted(cats)]
     if classes == "categories":
@@ -244,11 +250,7 @@ def load_source(
     # ---- images: structure, ids, safe names
     image_recs: dict[int, dict] = {}
     for k, im in enumerate(coco["images"]):
-        where = f"images[{k}]"
-        if not isinstance(im, dict):
-            raise _err(ann_path, where, "must be an object")
-        iid = _int_field(ann_path, where, im, "id")
-        where = f"images[{k}] (id {iid})"
+        iid, where = _record_id(ann_path, "images", k, im)
         if iid in image_recs:
             raise _err(ann_path, where, f"field 'id' {iid} is repeated")
         w = _int_field(ann_path, where, im, "width", positive=True)
@@ -278,11 +280,7 @@ def load_source(
     anns: list[dict] = []
     used_labels = np.zeros(label_map.num_labels, dtype=np.int64)
     for k, a in enumerate(coco["annotations"]):
-        where = f"annotations[{k}]"
-        if not isinstance(a, dict):
-            raise _err(ann_path, where, "must be an object")
-        aid = _int_field(ann_path, where, a, "id")
-        where = f"annotations[{k}] (id {aid})"
+        aid, where = _record_id(ann_path, "annotations", k, a)
         if aid in seen_ann:
             fixes["duplicate_annotation_ids"] += 1
             dup_values.add(aid)
@@ -416,7 +414,7 @@ def load_source(
         "missing_images": [str(m) for m in missing[:50]],
         "dropped_size_mismatch": mismatched[:50],
     }
-    return SourceDataset(out_images, anns, label_map, report)
+    return SourceDataset(out_images, anns, label_map, report, source_image_ids=set(image_recs))
 
 
 def read_id_list(path: str | Path) -> list[int]:
@@ -496,12 +494,11 @@ def run(cfg: PrepareConfig) -> PreparedData:
     """``rtcodetr data taco``: load + fix + split + write. Returns the prepared directory."""
     src = load_source(cfg.annotations, cfg.images, classes=cfg.classes, skip_missing=cfg.skip_missing,
                       progress=cfg.progress)
-    all_ids = {int(im["id"]) for im in read_coco(cfg.annotations)["images"]}
     val_ids = read_id_list(cfg.val_ids) if cfg.val_ids is not None else None
     test_ids = read_id_list(cfg.test_ids) if cfg.test_ids is not None else None
     ids, split_info = split_ids(
         [im["id"] for im in src.images], val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-        seed=cfg.seed, val_ids=val_ids, test_ids=test_ids, all_ids=all_ids,
+        seed=cfg.seed, val_ids=val_ids, test_ids=test_ids, all_ids=src.source_image_ids,
     )
     by_id = {im["id"]: im for im in src.images}
     splits: dict[str, SplitRecords] = {}
