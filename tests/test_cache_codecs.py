@@ -1,6 +1,8 @@
 """Teacher-cache storage without a model: dtype codecs, shard writer + markers, manifest checks, HDF5 copy."""
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -131,6 +133,15 @@ def test_shard_writer_layout_markers_and_hdf5_roundtrip(tmp_path):
     src_h5 = open_source(str(h5))
     for name in ("encoder", "encoder_scale", "logits", "valid", "input_hw", "image_id", DONE_ARRAY):
         assert np.array_equal(src_h5.read(name, slice(None)), group[name][:]), name
+    # an opened source pickles (DataLoader workers under spawn) without its store handle, and reads the same
+    for opened in (src, src_h5):
+        assert opened._handle is not None
+        fresh = pickle.loads(pickle.dumps(opened))
+        assert fresh._handle is None and fresh._pid is None and fresh._meta is None
+        for i in (0, n - 1):
+            a, b = read_sample(opened, man, i, ["encoder", "logits"]), read_sample(fresh, man, i, ["encoder", "logits"])
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        assert fresh.finished().tolist() == [True, True, True]
 
 
 def test_writer_error_surfaces_and_unmarked_shard_is_unfinished(tmp_path):

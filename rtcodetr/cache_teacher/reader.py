@@ -74,6 +74,7 @@ class TeacherCache:
         self._plan = ShardPlan(len(self._ids), int(manifest["storage"]["samples_per_shard"]))
         self._source = open_source(self.path, storage_options)
         self._finished: np.ndarray | None = None
+        self._finished_pid: int | None = None
         self.allow_incomplete = allow_incomplete
         if data is not None:
             self.check_dataset(data, split)
@@ -125,7 +126,7 @@ class TeacherCache:
 
     def finished(self) -> np.ndarray:
         """bool ``[num_shards]``: finished shards (read once per process)."""
-        if self._finished is None or getattr(self, "_finished_pid", None) != os.getpid():
+        if self._finished is None or self._finished_pid != os.getpid():
             self._finished = self._source.finished()
             self._finished_pid = os.getpid()
         return self._finished

@@ -320,42 +320,66 @@ class ShardWriter:
 
 
 # --------------------------------------------------------------------------------------------------------------- read
-class ZarrSource:
-    """Reads samples from a zarr cache; array handles are opened on first use in each process."""
+class _Source:
+    """Per-process reading of a cache's arrays. The store handle is opened on first use in each process (a forked
+    DataLoader worker must not reuse the parent's handles; h5py is not fork-safe), and pickles without it (workers
+    under spawn get a fresh, unopened source). Subclasses open the handle and look arrays up in it."""
 
-    def __init__(self, url: str, storage_options: dict | None = None):
-        self.url = str(url)
-        self.storage_options = storage_options
+    def __init__(self) -> None:
         self._pid: int | None = None
-        self._group = None
+        self._handle: Any = None
         self._arrays: dict[str, Any] = {}
         self._meta: dict[str, np.ndarray] | None = None
 
-    def _open(self):
-        if self._pid != os.getpid():  # a forked DataLoader worker must not reuse the parent's handles
-            self._group = open_group(self.url, "r", self.storage_options)
+    def _open_handle(self) -> Any:
+        raise NotImplementedError
+
+    def _open(self) -> Any:
+        if self._pid != os.getpid():
+            self._handle = self._open_handle()
             self._arrays = {}
             self._meta = None
             self._pid = os.getpid()
-        return self._group
+        return self._handle
+
+    def array(self, name: str) -> Any:
+        """The (cached) array handle ``name``: a zarr array or an h5py dataset."""
+        handle = self._open()
+        if name not in self._arrays:
+            self._arrays[name] = handle[name]
+        return self._arrays[name]
 
     def meta(self) -> dict[str, np.ndarray]:
+        """``valid`` / ``input_hw`` / ``image_id`` of every sample, read once per process: they are 20 bytes a
+        sample (2.4 MB for COCO train), so one read beats three store round trips per sample."""
         self._open()
         if self._meta is None:
-            self._meta = _load_meta(self)
+            self._meta = {name: self.read(name, slice(None)) for name in META_ARRAYS}
         return self._meta
-
-    def array(self, name: str):
-        group = self._open()
-        if name not in self._arrays:
-            self._arrays[name] = group[name]
-        return self._arrays[name]
 
     def read(self, name: str, i: int | slice) -> np.ndarray:
         return np.asarray(self.array(name)[i])
 
     def finished(self) -> np.ndarray:
-        return np.asarray(self.array(DONE_ARRAY)[:]).astype(bool)
+        """bool ``[num_shards]``, read from the store on every call (writers may still be adding markers)."""
+        return self.read(DONE_ARRAY, slice(None)).astype(bool)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_pid=None, _handle=None, _arrays={}, _meta=None)
+        return state
+
+
+class ZarrSource(_Source):
+    """Reads samples from a zarr cache (a path or an fsspec URL)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        super().__init__()
+        self.url = str(url)
+        self.storage_options = storage_options
+
+    def _open_handle(self) -> Any:
+        return open_group(self.url, "r", self.storage_options)
 
     def names(self) -> list[str]:
         return sorted(self._open().array_keys())
@@ -363,53 +387,24 @@ class ZarrSource:
     def nbytes_stored(self, name: str) -> int:
         return int(self.array(name).nbytes_stored())
 
-    def __getstate__(self) -> dict:  # DataLoader workers under spawn get a fresh, unopened source
-        return {"url": self.url, "storage_options": self.storage_options, "_pid": None, "_group": None,
-                "_arrays": {}, "_meta": None}
 
-
-class HDF5Source:
-    """Reads samples from an HDF5 export; the file is opened on first use in each process (h5py is not fork-safe)."""
+class HDF5Source(_Source):
+    """Reads samples from an HDF5 export."""
 
     def __init__(self, path: str):
+        super().__init__()
         self.path = str(path)
-        self._pid: int | None = None
-        self._file = None
-        self._meta: dict[str, np.ndarray] | None = None
 
-    def _open(self):
-        if self._pid != os.getpid():
-            import h5py
+    def _open_handle(self) -> Any:
+        import h5py
 
-            self._file = h5py.File(self.path, "r")
-            self._meta = None
-            self._pid = os.getpid()
-        return self._file
-
-    def meta(self) -> dict[str, np.ndarray]:
-        self._open()
-        if self._meta is None:
-            self._meta = _load_meta(self)
-        return self._meta
-
-    def array(self, name: str):
-        return self._open()[name]
-
-    def read(self, name: str, i: int | slice) -> np.ndarray:
-        return np.asarray(self.array(name)[i])
-
-    def finished(self) -> np.ndarray:
-        return np.asarray(self.array(DONE_ARRAY)[:]).astype(bool)
+        return h5py.File(self.path, "r")
 
     def names(self) -> list[str]:
         return sorted(self._open().keys())
 
     def nbytes_stored(self, name: str) -> int:
-        ds = self.array(name)
-        return int(ds.id.get_storage_size())
-
-    def __getstate__(self) -> dict:
-        return {"path": self.path, "_pid": None, "_file": None, "_meta": None}
+        return int(self.array(name).id.get_storage_size())
 
 
 def open_source(url: str, storage_options: dict | None = None) -> ZarrSource | HDF5Source:
@@ -429,12 +424,6 @@ def read_sample(source, manifest: dict, i: int, tensors: list[str]) -> dict[str,
     out["input_hw"] = meta["input_hw"][i].astype(np.int64)
     out["image_id"] = np.int64(meta["image_id"][i])
     return out
-
-
-def _load_meta(source) -> dict[str, np.ndarray]:
-    # valid / input_hw / image_id are 20 bytes a sample (2.4 MB for COCO train): read them once per process instead
-    # of three store round trips per sample
-    return {name: source.read(name, slice(None)) for name in META_ARRAYS}
 
 
 # --------------------------------------------------------------------------------------------------------------- hdf5
