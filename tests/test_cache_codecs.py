@@ -240,3 +240,16 @@ def test_boxes_to_original_frame_against_float64_reference(reference):
     out = boxes_to_original_frame(pred, torch.tensor([input_hw]), affine, torch.tensor([orig_hw]), padded, reference)
     expect = [120 / 400, 90 / 300, 160 / 400, 120 / 300]  # cxcywh of (40, 30, 200, 150) over (w, h) = (400, 300)
     np.testing.assert_allclose(out[0, 0].numpy(), expect, rtol=1e-6)
+
+
+def test_shipped_cache_config_loads_with_the_default_geometry():
+    """configs/cache.yaml is what the docs tell users to run: its geometry (box reference included) must not drift
+    from the code's defaults, or every documented run would silently use another box convention."""
+    from pathlib import Path
+
+    from rtcodetr.cache_teacher import CacheConfig
+    from rtcodetr.config import load_config
+
+    cfg = load_config(CacheConfig, Path(__file__).resolve().parents[1] / "configs" / "cache.yaml")
+    assert cfg.geometry == GeometryConfig()
+    assert cfg.geometry.box_reference == "unpadded"
