@@ -209,3 +209,24 @@ def test_accelerate_launch_two_processes_gathers_without_duplicates(synthetic_da
     assert by_name["oracle"]["num_images"] == n_val and by_name["oracle"]["mAP"] == pytest.approx(1.0)
     # each image predicted once: the tiny RT-DETR keeps 100 queries per image
     assert by_name["rtdetr"]["num_detections"] == 100 * n_val
+
+
+def test_shortest_edge_detector_batch_equals_one_image_at_a_time(synthetic_data, tiny_model_dir):
+    """Conditional DETR pads a batch to its largest image, and its post-processor would then scale boxes by each
+    image's own size as if unpadded: a batch of differently shaped images must give each image's unpadded result."""
+    from PIL import Image
+
+    from rtcodetr.evaluate.detectors import load_detector
+
+    det = load_detector(tiny_model_dir("conditional-detr-tiny"), label_map=synthetic_data.label_map)
+    assert det.geometry["mode"] == "shortest_edge"
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((96, 160), (160, 96))]
+    batched = det.predict(images)
+    for im, got in zip(images, batched):
+        (alone,) = det.predict([im])
+        assert len(got["scores"]) > 0
+        torch.testing.assert_close(got["boxes"], alone["boxes"])
+        torch.testing.assert_close(got["scores"], alone["scores"])
+        assert torch.equal(got["labels"], alone["labels"])
+        assert (got["boxes"][:, 2] <= im.width + 1e-3).all() and (got["boxes"][:, 3] <= im.height + 1e-3).all()
