@@ -77,8 +77,12 @@ def reference_boxes(orig: np.ndarray, affine: np.ndarray, size_hw) -> np.ndarray
     return np.array(out, dtype=np.float64).reshape(-1, 4)
 
 
-def check_consistent(orig_boxes: np.ndarray, image, target, min_size: float = 0.0) -> None:
-    """Surviving boxes == reference(original box, returned affine); dropped ones are degenerate there."""
+def check_consistent(
+    orig_boxes: np.ndarray, image, target, min_size: float = 0.0, drops_visible: bool = False
+) -> None:
+    """Surviving boxes == reference(original box, returned affine); dropped ones are degenerate there (unless
+    ``drops_visible``: an IoU crop also drops boxes whose centre falls outside it). ``area`` follows the boxes
+    (the samples' areas are their box areas)."""
     size = tuple(int(v) for v in target["size"])
     if isinstance(image, Image.Image):
         assert (image.size[1], image.size[0]) == size
@@ -94,6 +98,10 @@ def check_consistent(orig_boxes: np.ndarray, image, target, min_size: float = 0.
     np.testing.assert_allclose(target["boxes"].numpy(), ref, atol=1e-3, rtol=1e-5)
     b = target["boxes"].numpy()
     assert (b[:, 2] - b[:, 0] > min_size).all() or len(b) == 0
+    np.testing.assert_allclose(target["area"].numpy(), (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), rtol=1e-4, atol=1e-3)
+    if not drops_visible:
+        dropped = reference_boxes(np.delete(orig_boxes, labels, axis=0), a, size)
+        assert (np.minimum(dropped[:, 2] - dropped[:, 0], dropped[:, 3] - dropped[:, 1]) <= min_size).all()
     assert (b[:, 0] >= 0).all() and (b[:, 2] <= size[1]).all() and (b[:, 3] <= size[0]).all()
 
 
@@ -115,7 +123,7 @@ def test_affine_moves_boxes_like_the_transform(name, seed):
     torch.manual_seed(seed)
     img, target = make_sample(seed=seed)
     out_img, out = STEPS[name]()(img, target)
-    check_consistent(BOXES, out_img, out)
+    check_consistent(BOXES, out_img, out, drops_visible=name in ("iou_crop", "train_pipeline"))
     assert out["image_id"] == 7 and out["orig_size"].tolist() == [H, W]
 
 
@@ -222,7 +230,7 @@ def test_transforms_do_not_mutate_inputs():
     t_before = t_img.clone()
     for step in (RandomHorizontalFlip(p=1.0), Resize((50, 50)), RandomZoomOut(p=1.0), RandomIoUCrop(p=1.0)):
         out_img, out = step(t_img, target)
-        check_consistent(BOXES, out_img, out)
+        check_consistent(BOXES, out_img, out, drops_visible=isinstance(step, RandomIoUCrop))
     assert torch.equal(t_img, t_before)
 
 
@@ -279,7 +287,7 @@ def test_resize_batch_updates_every_target():
     out_images, out_targets = resize_batch(images, targets, (96, 80))
     assert out_images.shape == (3, 3, 96, 80)
     for img_t, t in zip(out_images, out_targets):
-        check_consistent(BOXES, img_t, t)
+        check_consistent(BOXES, img_t, t, drops_visible=True)  # the pipeline IoU-crops
     for t, b in zip(targets, before):  # inputs untouched
         assert torch.equal(t["boxes"], b["boxes"]) and torch.equal(t["affine"], b["affine"])
 
