@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.ops import box_iou
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
@@ -251,8 +252,8 @@ class RandomIoUCrop(Transform):
         self.trials, self.p = trials, p
 
     def _sample(self, h: int, w: int, boxes: torch.Tensor) -> tuple[int, int, int, int, torch.Tensor] | None:
-        from torchvision.ops import box_iou
-
+        cx = 0.5 * (boxes[:, 0] + boxes[:, 2])  # box centres do not change between trials
+        cy = 0.5 * (boxes[:, 1] + boxes[:, 3])
         while True:  # terminates: option 1.0 (no crop) is drawn with probability 1/len(options) per round
             idx = int(torch.randint(len(self.options), (1,)))
             min_iou = self.options[idx]
@@ -268,8 +269,6 @@ class RandomIoUCrop(Transform):
                 right, bottom = left + new_w, top + new_h
                 if left == right or top == bottom:
                     continue
-                cx = 0.5 * (boxes[:, 0] + boxes[:, 2])
-                cy = 0.5 * (boxes[:, 1] + boxes[:, 3])
                 inside = (left < cx) & (cx < right) & (top < cy) & (cy < bottom)
                 if not bool(inside.any()):
                     continue
