@@ -64,7 +64,7 @@ def step_bench(mode: str, paths: dict[str, str], args) -> dict:
     from rtcodetr.features import FeatureTap
     from rtcodetr.models import load_model, set_trainable
     from rtcodetr.train_student.distill_data import DistillDataset, collate
-    from rtcodetr.train_student.train import (DistillCriterion, OptimConfig, StudentWithAdapters, _normalized_teacher_boxes,
+    from rtcodetr.train_student.train import (DistillCriterion, OptimConfig, StudentWithAdapters,
                                               _to_device, build_weight_dict, param_groups)
 
     torch.manual_seed(0)
@@ -76,7 +76,6 @@ def step_bench(mode: str, paths: dict[str, str], args) -> dict:
     ds = DistillDataset(base, cache if mode == "cached" else None, predictions=mode == "cached",
                         features=("backbone",) if mode == "cached" else (), topk=100)
     batch = _to_device(collate([ds[i] for i in range(args.batch)]), device)
-    _normalized_teacher_boxes(batch)
 
     student, _ = load_model(paths["student"])
     set_trainable(student, backbone=True, backbone_batchnorm=True)

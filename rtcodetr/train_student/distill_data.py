@@ -161,7 +161,8 @@ def pad_stack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
     """Batch for the loop: ``pixel_values`` float32 ``[B, 3, H, W]``, ``pixel_mask`` int64 ``[B, H, W]``, ``labels``
     (HF format: ``class_labels`` int64 ``[N]``, ``boxes`` float32 ``[N, 4]`` normalized cxcywh of the unpadded current
-    image), ``targets`` (the per-sample dicts, xyxy), and stacked teacher tensors when present."""
+    image), ``targets`` (the per-sample dicts, xyxy; with teacher predictions also ``teacher_boxes_cxcywh`` float32
+    ``[T, 4]`` normalized cxcywh of the unpadded current image), and stacked teacher tensors when present."""
     images = [b[0] for b in batch]
     targets = [b[1] for b in batch]
     pixel_values, pixel_mask = pad_stack(images)
@@ -169,6 +170,11 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
         {"class_labels": t["labels"].long(), "boxes": xyxy_to_cxcywh_normalized(t["boxes"].float(), _hw(t["size"])).float()}
         for t in targets
     ]
+    # The teacher boxes cross the same model boundary as the labels, here in the workers rather than per sample in
+    # the training step (a later multi-scale resize leaves normalized boxes unchanged).
+    for t in targets:
+        if "teacher_boxes" in t:
+            t["teacher_boxes_cxcywh"] = xyxy_to_cxcywh_normalized(t["teacher_boxes"].float(), _hw(t["size"])).float()
     out: dict[str, Any] = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels, "targets": targets}
     for name in FEATURE_TENSORS:
         key = f"teacher_{name}"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
 
 _EPS = 1e-6
 
@@ -108,11 +108,10 @@ class PredictionDistillLoss(nn.Module):
         already removed) -> {"pred_class", "pred_l1", "pred_giou"} scalar tensors (float32)."""
         num_layers = layer_logits.shape[1]
         device = layer_logits.device
-        zero = layer_logits.sum() * 0.0  # keeps the graph connected when nothing matches
-        norm = sum(float(t.weight.sum()) for t in targets)
-        if norm <= 0:
-            return {"pred_class": zero, "pred_l1": zero, "pred_giou": zero}
         problems = [(b, layer) for layer in range(num_layers) for b, t in enumerate(targets) if len(t.boxes)]
+        if not problems:
+            zero = layer_logits.sum() * 0.0  # keeps the graph connected when nothing matches
+            return {"pred_class": zero, "pred_l1": zero, "pred_giou": zero}
         costs = [self.matcher.cost(layer_logits[b, layer], layer_boxes[b, layer], targets[b]) for b, layer in problems]
         flat = torch.cat([c.flatten() for c in costs]).cpu().numpy()
         offsets = np.cumsum([0] + [len(t.boxes) for t in targets])
@@ -132,26 +131,19 @@ class PredictionDistillLoss(nn.Module):
         s_boxes = layer_boxes[b_i, l_i, q_i].float()
         t_probs = torch.cat([t.probs for t in targets]).float().to(device)[t_i]
         t_boxes = torch.cat([t.boxes for t in targets]).float().to(device)[t_i]
-        w = torch.cat([t.weight for t in targets]).float().to(device)[t_i]
-        giou = _paired_giou(box_convert(s_boxes, "cxcywh", "xyxy"), box_convert(t_boxes, "cxcywh", "xyxy"))
-        scale = norm * num_layers
+        all_w = torch.cat([t.weight for t in targets]).float().to(device)
+        w = all_w[t_i]
+        # row-aligned pairs: torchvision's elementwise GIoU loss (1 - GIoU), not the [M, M] matrix
+        giou_loss = generalized_box_iou_loss(box_convert(s_boxes, "cxcywh", "xyxy"),
+                                             box_convert(t_boxes, "cxcywh", "xyxy"))
+        # the total teacher confidence stays on the device (no host sync); clamped only against all-zero weights,
+        # where every numerator is 0 as well
+        scale = all_w.sum().clamp_min(1e-12) * num_layers
         return {
             "pred_class": (binary_kl_with_logits(s_logits, t_probs).mean(-1) * w).sum() / scale,
             "pred_l1": ((s_boxes - t_boxes).abs().sum(-1) * w).sum() / scale,
-            "pred_giou": ((1 - giou) * w).sum() / scale,
+            "pred_giou": (giou_loss * w).sum() / scale,
         }
-
-
-def _paired_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """GIoU of row-aligned xyxy boxes ``[M, 4]`` x ``[M, 4]`` -> ``[M]`` (the diagonal, without the ``[M, M]`` matrix)."""
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
-    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    union = area_a + area_b - inter
-    iou = inter / union.clamp(min=1e-7)
-    hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).clamp(min=0).prod(-1)
-    return iou - (hull - union) / hull.clamp(min=1e-7)
 
 
 FeatureLossKind = Literal["mse", "pkd", "cosine"]

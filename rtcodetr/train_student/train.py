@@ -165,15 +165,27 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One EMA step towards ``model`` (same architecture). The tensor pairs are collected once (state-dict
+        tensors share storage with the live parameters and buffers), each storage once, so a tensor registered under
+        two names is not averaged twice; the floating ones are updated with one fused ``_foreach_lerp_``."""
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / max(self.warmup, 1)))
-        src = model.state_dict()
-        for k, v in self.module.state_dict().items():
-            s = src[k].detach()
-            if v.dtype.is_floating_point:
-                v.mul_(d).add_(s.to(v.dtype), alpha=1 - d)
-            else:
-                v.copy_(s)
+        if getattr(self, "_pairs_of", None) is not model:
+            src, seen = model.state_dict(), set()
+            self._float, self._other = ([], []), ([], [])
+            for k, v in self.module.state_dict().items():
+                if v.numel() and v.data_ptr() in seen:
+                    continue
+                seen.add(v.data_ptr())
+                bucket = self._float if v.dtype.is_floating_point else self._other
+                bucket[0].append(v)
+                bucket[1].append(src[k].detach())
+            self._pairs_of = model
+        ema_t, src_t = self._float
+        if ema_t:
+            torch._foreach_lerp_(ema_t, [s.to(e.dtype) for e, s in zip(ema_t, src_t)], 1 - d)
+        for e, s in zip(*self._other):
+            e.copy_(s)
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -412,23 +424,15 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return send_to_device(batch, device, non_blocking=True)
 
 
-def _normalized_teacher_boxes(batch: dict[str, Any]) -> None:
-    """The model boundary for teacher boxes: abs xyxy (current frame) -> normalized cxcywh, like the GT labels."""
-    from rtcodetr.data.boxes import xyxy_to_cxcywh_normalized
-
-    for t in batch["targets"]:
-        if "teacher_boxes" in t:
-            size = (int(t["size"][0]), int(t["size"][1]))
-            t["teacher_boxes_cxcywh"] = xyxy_to_cxcywh_normalized(t["teacher_boxes"].float(), size).float()
-
-
 def _apply_multiscale(batch: dict[str, Any], size_hw: tuple[int, int]) -> None:
     """Resize the batch on the device; normalized boxes are unchanged, sizes and affines follow the resize."""
     from rtcodetr.data.transforms import resize_batch
 
     images, targets = resize_batch(batch["pixel_values"], batch["targets"], size_hw)
     batch["pixel_values"] = images
-    batch["pixel_mask"] = torch.ones(images.shape[0], *images.shape[-2:], dtype=torch.int64, device=images.device)
+    # Padded batches (shortest-edge geometry) keep their padding masked: resize the mask with the images.
+    batch["pixel_mask"] = torch.nn.functional.interpolate(batch["pixel_mask"][:, None].float(),
+                                                          size=tuple(images.shape[-2:]), mode="nearest")[:, 0].long()
     for old, new in zip(batch["targets"], targets):
         for key in ("teacher_boxes_cxcywh", "teacher_probs", "teacher_weight"):
             if key in old:
@@ -691,7 +695,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             if state.batch_in_epoch >= steps_per_epoch * cfg.grad_accum_steps:
                 break  # trailing micro-batches that cannot fill an accumulation window
             batch = _to_device(batch, accelerator.device)
-            _normalized_teacher_boxes(batch)
             ms_rng.seed(cfg.seed * 1_000_003 + state.step)
             size_hw = pick_multiscale_size(cfg.aug, state.epoch, ms_rng)
             if size_hw is not None:
@@ -703,9 +706,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     outputs, student_map = net(batch["pixel_values"], batch["pixel_mask"], labels=batch["labels"])
                     losses = criterion(outputs, student_map, batch)
                 loss = sum(losses[k] * weight_dict[k] for k in losses)
-                finite = torch.tensor([float(torch.isfinite(loss).all())], device=accelerator.device)
-                if accelerator.gather(finite).min() < 1:
-                    parts = {k: _scalar(v) for k, v in losses.items()}
+                # One host copy per micro-batch for the finiteness check and every logged value (not one per part).
+                logged = {**losses, **{f"det/{k}": v for k, v in (getattr(outputs, "loss_dict", None) or {}).items()}}
+                values = torch.stack([torch.as_tensor(v, device=accelerator.device).detach().float().reshape(())
+                                      for v in logged.values()])
+                finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+                if accelerator.num_processes > 1:
+                    finite = accelerator.gather(finite).min().reshape(1)  # every process stops together
+                finite, *host = torch.cat([finite, values]).tolist()
+                if not finite:
+                    parts = {k: v for k, v in zip(logged, host) if not k.startswith("det/")}
                     bar.close()
                     raise NonFiniteLossError(
                         f"non-finite loss at step {state.step} (epoch {state.epoch}, micro-batch "
@@ -714,10 +724,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 accelerator.backward(loss / cfg.grad_accum_steps)
             state.batch_in_epoch += 1
             images_since += batch["pixel_values"].shape[0] * accelerator.num_processes
-            for k, v in losses.items():
-                running[k] = running.get(k, 0.0) + _scalar(v) / cfg.grad_accum_steps
-            for k, v in (getattr(outputs, "loss_dict", None) or {}).items():
-                running[f"det/{k}"] = running.get(f"det/{k}", 0.0) + _scalar(v) / cfg.grad_accum_steps
+            for k, v in zip(logged, host):
+                running[k] = running.get(k, 0.0) + v / cfg.grad_accum_steps
             if not sync:
                 continue
 
