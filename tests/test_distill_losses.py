@@ -201,3 +201,15 @@ def test_batched_prediction_loss_matches_per_pair_reference():
             ref["pred_giou"] += float(((1 - giou) * w).sum())
     for k in ref:
         assert float(got[k]) == pytest.approx(ref[k] / (norm * 2), rel=1e-5), k
+
+
+def test_prediction_loss_without_teacher_boxes_is_zero_and_differentiable():
+    """Every teacher box cropped away: the three losses are exactly 0 and still backpropagate (DDP needs the graph)."""
+    empty = PredictionTargets(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0))
+    logits = torch.randn(2, 3, 5, 4, requires_grad=True)
+    boxes = torch.rand(2, 3, 5, 4, requires_grad=True)
+    losses = PredictionDistillLoss()(logits, boxes, [empty, empty])
+    assert set(losses) == {"pred_class", "pred_l1", "pred_giou"}
+    assert all(float(v) == 0.0 for v in losses.values())
+    sum(losses.values()).backward()
+    assert logits.grad is not None and torch.count_nonzero(logits.grad) == 0

@@ -185,6 +185,10 @@ def test_teacher_targets_follow_real_flip(synthetic_data, teacher_cache):
     assert len(b0) > 0
     torch.testing.assert_close(b1, mirrored, atol=1e-3, rtol=0)
     torch.testing.assert_close(plain["targets"][0]["teacher_probs"], flipped["targets"][0]["teacher_probs"])
+    # collate hands the model boundary normalized cxcywh of the same boxes (the prediction loss reads these)
+    from torchvision.ops import box_convert
+
+    torch.testing.assert_close(flipped["targets"][0]["teacher_boxes_cxcywh"], box_convert(b1, "xyxy", "cxcywh") / 128)
     maps = {}
     for k, v in views.items():
         maps[k], mask = resample_teacher_features(v["teacher_backbone"], v["affine"], v["orig_size"],
@@ -253,3 +257,52 @@ def test_non_finite_loss_stops_with_step_image_ids_and_parts(tmp_path, synthetic
                          max_steps=2, eval_every=0))
     message = str(err.value)
     assert "step 0" in message and "image ids [" in message and "'detection': nan" in message
+
+
+def test_model_ema_follows_formula_once_per_shared_tensor(tmp_path):
+    """decay_t = decay (1 - e^{-t/w}); a tensor registered under two names is averaged once, integer buffers copied;
+    save/load round-trips the average and the update count."""
+    import math
+
+    from rtcodetr.train_student.train import ModelEMA
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 3)
+            self.b = self.a  # the same module (and tensors) under a second name
+            self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    model = Tied()
+    ema = ModelEMA(model, decay=0.9, warmup=2)
+    start = model.a.weight.detach().clone()
+    with torch.no_grad():
+        model.a.weight.add_(1.0)
+        model.count.fill_(7)
+    ema.update(model)
+    d = 0.9 * (1 - math.exp(-1 / 2))
+    torch.testing.assert_close(ema.module.a.weight, d * start + (1 - d) * (start + 1.0))
+    assert int(ema.module.count) == 7
+    ema.save(tmp_path / "ema.safetensors")
+    other = ModelEMA(Tied(), decay=0.9, warmup=2)
+    other.load(tmp_path / "ema.safetensors")
+    assert other.updates == 1
+    torch.testing.assert_close(other.module.a.weight, ema.module.a.weight)
+
+
+def test_multiscale_keeps_padding_masked():
+    """A padded batch resized for multi-scale keeps its padding out of the pixel mask."""
+    from rtcodetr.train_student.train import _apply_multiscale
+
+    images = torch.zeros(2, 3, 64, 96)
+    mask = torch.zeros(2, 64, 96, dtype=torch.int64)
+    mask[0] = 1
+    mask[1, :, :48] = 1  # second image is half as wide: right half is padding
+    targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "size": torch.tensor(s),
+                 "orig_size": torch.tensor(s), "affine": torch.eye(3, dtype=torch.float64), "image_id": i}
+               for i, s in enumerate(([64, 96], [64, 48]))]
+    batch = {"pixel_values": images, "pixel_mask": mask, "targets": targets}
+    _apply_multiscale(batch, (32, 48))
+    assert batch["pixel_mask"].shape == (2, 32, 48)
+    assert bool(batch["pixel_mask"][0].all())
+    assert bool(batch["pixel_mask"][1, :, :24].all()) and not bool(batch["pixel_mask"][1, :, 24:].any())
