@@ -306,3 +306,25 @@ def test_multiscale_keeps_padding_masked():
     assert batch["pixel_mask"].shape == (2, 32, 48)
     assert bool(batch["pixel_mask"][0].all())
     assert bool(batch["pixel_mask"][1, :, :24].all()) and not bool(batch["pixel_mask"][1, :, 24:].any())
+
+
+def test_postprocess_top_k_in_original_pixels():
+    """Sigmoid top-k over queries x classes, boxes back through each image's own size and affine (per-image
+    reference: the box of query idx // K, label idx % K)."""
+    from rtcodetr.data.boxes import cxcywh_normalized_to_xyxy
+    from rtcodetr.data.transforms import boxes_to_original
+    from rtcodetr.train_student.train import PostProcess
+
+    g = torch.Generator().manual_seed(0)
+    logits, boxes = torch.randn(2, 7, 3, generator=g), torch.rand(2, 7, 4, generator=g) * 0.5 + 0.1
+    size = torch.tensor([[64, 96], [80, 40]])
+    affine = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
+    affine[1, 0, 0], affine[1, 0, 2], affine[1, 1, 1] = 2.0, 5.0, 0.5  # image 1: scaled and shifted
+    out = PostProcess(max_detections=5)(logits, boxes, size, affine, [3, 4])
+    assert [o["image_id"] for o in out] == [3, 4]
+    for i in range(2):
+        scores, idx = logits[i].sigmoid().flatten().topk(5)
+        xyxy = cxcywh_normalized_to_xyxy(boxes[i, idx // 3], (int(size[i, 0]), int(size[i, 1])))
+        torch.testing.assert_close(out[i]["boxes"], boxes_to_original(xyxy, affine[i]))
+        torch.testing.assert_close(out[i]["scores"], scores)
+        assert torch.equal(out[i]["labels"], idx % 3)

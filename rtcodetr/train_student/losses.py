@@ -68,12 +68,17 @@ class DistillMatcher:
 
     @torch.no_grad()
     def cost(self, logits: torch.Tensor, boxes: torch.Tensor, target: PredictionTargets) -> torch.Tensor:
-        """float32 ``[Q, T]`` matching cost (on the logits' device) of student queries vs teacher predictions."""
+        """float32 ``[..., Q, T]`` matching cost (on the logits' device) of student queries vs teacher predictions.
+
+        logits ``[..., Q, K]``, boxes ``[..., Q, 4]`` normalized cxcywh; leading dims (e.g. decoder layers) are
+        batched, so one call covers every layer of a sample.
+        """
         logits, boxes = logits.float(), boxes.float()
-        t_boxes = target.boxes.float()
-        cost = self.class_cost * pairwise_class_cost(logits, target.probs.float())
-        cost = cost + self.l1_cost * torch.cdist(boxes, t_boxes, p=1)
-        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(t_boxes, "cxcywh", "xyxy"))
+        t_boxes = target.boxes.float().to(boxes.device)
+        cost = self.class_cost * pairwise_class_cost(logits, target.probs.float().to(logits.device))
+        cost = cost + self.l1_cost * torch.cdist(boxes, t_boxes.expand(*boxes.shape[:-2], -1, -1), p=1)
+        giou = generalized_box_iou(box_convert(boxes.reshape(-1, 4), "cxcywh", "xyxy"),
+                                   box_convert(t_boxes, "cxcywh", "xyxy")).reshape(cost.shape)
         return cost - self.giou_cost * giou
 
     @torch.no_grad()
@@ -108,17 +113,19 @@ class PredictionDistillLoss(nn.Module):
         already removed) -> {"pred_class", "pred_l1", "pred_giou"} scalar tensors (float32)."""
         num_layers = layer_logits.shape[1]
         device = layer_logits.device
-        problems = [(b, layer) for layer in range(num_layers) for b, t in enumerate(targets) if len(t.boxes)]
-        if not problems:
+        samples = [b for b, t in enumerate(targets) if len(t.boxes)]
+        if not samples:
             zero = layer_logits.sum() * 0.0  # keeps the graph connected when nothing matches
             return {"pred_class": zero, "pred_l1": zero, "pred_giou": zero}
-        costs = [self.matcher.cost(layer_logits[b, layer], layer_boxes[b, layer], targets[b]) for b, layer in problems]
+        # one batched cost per sample over all its layers ([L, Q, T_b]), all sent to the host in one copy
+        costs = [self.matcher.cost(layer_logits[b], layer_boxes[b], targets[b]) for b in samples]
         flat = torch.cat([c.flatten() for c in costs]).cpu().numpy()
+        problems = [(b, layer) for b in samples for layer in range(num_layers)]  # the order of ``flat``
         offsets = np.cumsum([0] + [len(t.boxes) for t in targets])
         idx_b, idx_l, idx_q, idx_t = [], [], [], []
         start = 0
-        for (b, layer), c in zip(problems, costs):
-            q, t = c.shape
+        for b, layer in problems:
+            q, t = layer_logits.shape[2], len(targets[b].boxes)
             rows, cols = linear_sum_assignment(flat[start:start + q * t].reshape(q, t))
             start += q * t
             idx_b.append(np.full(len(rows), b))

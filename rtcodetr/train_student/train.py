@@ -294,14 +294,15 @@ class PostProcess:
         scores = logits.float().sigmoid().flatten(1)
         n = min(self.max_detections, q * k)
         top_scores, top_idx = scores.topk(n, dim=1)
+        # batched gather on the device, then one host copy per tensor (not three per image)
+        top_boxes = boxes.float().gather(1, (top_idx // k).unsqueeze(-1).expand(-1, -1, 4))
+        top_scores, labels = top_scores.cpu(), (top_idx % k).cpu()
+        top_boxes, size, affine = top_boxes.cpu(), size.cpu(), affine.cpu()
         out = []
         for i in range(b):
-            qi = top_idx[i] // k
-            labels = top_idx[i] % k
-            xyxy = cxcywh_normalized_to_xyxy(boxes[i, qi].float(), (int(size[i, 0]), int(size[i, 1])))
-            orig = boxes_to_original(xyxy.cpu(), affine[i].cpu())
-            out.append({"image_id": int(image_ids[i]), "boxes": orig, "scores": top_scores[i].cpu(),
-                        "labels": labels.cpu()})
+            xyxy = cxcywh_normalized_to_xyxy(top_boxes[i], (int(size[i, 0]), int(size[i, 1])))
+            out.append({"image_id": int(image_ids[i]), "boxes": boxes_to_original(xyxy, affine[i]),
+                        "scores": top_scores[i], "labels": labels[i]})
         return out
 
 
