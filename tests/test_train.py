@@ -328,3 +328,23 @@ def test_postprocess_top_k_in_original_pixels():
         torch.testing.assert_close(out[i]["boxes"], boxes_to_original(xyxy, affine[i]))
         torch.testing.assert_close(out[i]["scores"], scores)
         assert torch.equal(out[i]["labels"], idx % 3)
+
+
+def test_ablation_arm_configs_differ_only_in_loss():
+    """baseline / distill / distill_feature / distill_prediction are full copies of one recipe: they must not drift
+    apart in schedule, data or augmentation (arms may differ only in loss.*), and each arm switches its losses."""
+    from dataclasses import asdict
+
+    from rtcodetr.train_student.train import TrainConfig
+
+    arms = {name: load_config(TrainConfig, REPO / "configs" / f"{name}.yaml", [])
+            for name in ("baseline", "distill", "distill_feature", "distill_prediction")}
+    recipes = {name: {k: v for k, v in asdict(c).items() if k != "loss"} for name, c in arms.items()}
+    for name, recipe in recipes.items():
+        assert recipe == recipes["distill"], name
+    weights = {name: (c.loss.feature_weight > 0, c.loss.prediction_weight > 0) for name, c in arms.items()}
+    assert weights == {"baseline": (False, False), "distill": (True, True), "distill_feature": (True, False),
+                       "distill_prediction": (False, True)}
+    for name in ("distill_feature", "distill_prediction"):
+        same = {k: v for k, v in asdict(arms[name].loss).items() if k not in ("feature_weight", "prediction_weight")}
+        assert same == {k: v for k, v in asdict(arms["distill"].loss).items() if k in same}, name
