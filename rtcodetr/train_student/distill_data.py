@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 from rtcodetr.data.boxes import affine_boxes, clip_boxes, cxcywh_normalized_to_xyxy, xyxy_to_cxcywh_normalized
 
@@ -37,10 +38,6 @@ def teacher_boxes_to_current(
     moved = clip_boxes(affine_boxes(xyxy, np.asarray(affine, dtype=np.float64)), current_hw)
     keep = ((moved[:, 2] - moved[:, 0]) >= min_size) & ((moved[:, 3] - moved[:, 1]) >= min_size)
     return moved[keep].astype(np.float32), keep
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -114,7 +111,7 @@ class DistillDataset(torch.utils.data.Dataset):
                              f"expected {int(target['image_id'])}")
         target = dict(target)
         if self.predictions:
-            probs = sigmoid(row["logits"].astype(np.float32))
+            probs = expit(row["logits"].astype(np.float32))  # scipy's: no overflow warning for very negative logits
             weight = probs.max(-1)
             k = min(self.topk, len(weight))
             top = np.argsort(-weight, kind="stable")[:k]
