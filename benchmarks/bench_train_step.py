@@ -200,8 +200,7 @@ def main() -> int:
     # with the lowest median is kept.
     for _ in range(args.rounds):
         for mode in ("baseline", "cached", "online"):
-            cmd = [sys.executable, __file__, "--mode", mode, "--work", str(work)] + [
-                a for a in sys.argv[1:] if not a.startswith("--work")]
+            cmd = [sys.executable, __file__, "--mode", mode, "--work", str(work)] + _without_work(sys.argv[1:])
             proc = subprocess.run(cmd, capture_output=True, text=True,
                                   env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             if proc.returncode != 0:
@@ -222,6 +221,19 @@ def main() -> int:
           f"images alone {loader['images']:.1f} img/s, images + cache rows {loader['images+cache']:.1f} img/s "
           f"(ratio {loader['images+cache'] / loader['images']:.3f})")
     return 0
+
+
+def _without_work(argv: list[str]) -> list[str]:
+    """argv minus ``--work DIR`` / ``--work=DIR`` (a prefix test would also drop ``--workers`` and leave its value)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--work":
+            skip = True
+        elif not a.startswith("--work="):
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":
