@@ -545,26 +545,40 @@ def _init_from(config, source: str, is_local: bool) -> tuple[nn.Module, list[str
 
 
 def init_model(preset: str, data_dir: str | Path, out: str | Path, from_: str | Path | None = None,
-               verbose: bool = True) -> Path:
+               verbose: bool = True, seed: int = 0) -> Path:
     """Write a ``save_pretrained`` directory for ``preset`` with the label map of the prepared dataset ``data_dir``.
 
     Without ``from_`` the weights are a random init of the preset. With ``from_`` (a model directory or hub id)
     the architecture and weights come from that checkpoint, which must be of the preset's family; every tensor is
     copied except those whose shape depends on the label count, which are re-initialised (and printed) unless the
     checkpoint already has exactly this label map. The image-processor config is the checkpoint's own when it has
-    one, else the preset's. Returns ``out``.
+    one, else the preset's. Random initialisation (the whole model, or the re-initialised head) is drawn from
+    ``seed`` without touching the caller's global RNG state, so the same command writes the same weights. Returns
+    ``out``.
     """
     _check_preset(preset)
     out = Path(out)
     id2label = read_id2label(data_dir)
     source, is_local = _resolve(from_) if from_ is not None else (None, False)  # fail fast before heavy imports
+    preset_config = build_config(preset, id2label)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor, reinit = _init_weights(preset, preset_config, id2label, source, is_local, verbose)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    if verbose:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"init-model: wrote {out} ({preset}, {n / 1e6:.2f}M params, {len(id2label)} labels)")
+    return out
+
+
+def _init_weights(preset: str, preset_config, id2label: dict[int, str], source, is_local: bool, verbose: bool):
+    """(model, image processor, names of re-initialised tensors) for ``init_model``; draws from the global RNG."""
     from transformers import AutoConfig, AutoImageProcessor
 
-    preset_config = build_config(preset, id2label)
-    if from_ is None:
-        model = build_model(preset, id2label)
-        processor = build_image_processor(preset)
-        reinit: list[str] = []
+    if source is None:
+        return build_model(preset, id2label), build_image_processor(preset), []
     else:
         config = _from_pretrained(AutoConfig, source, is_local, "config")
         if model_family(config) != model_family(preset_config):
@@ -584,13 +598,7 @@ def init_model(preset: str, data_dir: str | Path, out: str | Path, from_: str | 
                   f"({preset_config.num_labels} labels):")
             for key in reinit:
                 print(f"  {key} {tuple(model.state_dict()[key].shape)}")
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    if verbose:
-        n = sum(p.numel() for p in model.parameters())
-        print(f"init-model: wrote {out} ({preset}, {n / 1e6:.2f}M params, {len(id2label)} labels)")
-    return out
+        return model, processor, reinit
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -602,9 +610,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--from", dest="from_", default=None,
                         help="start from these weights (model directory or hub id); label-dependent tensors are "
                              "re-initialised")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        init_model(args.preset, args.data, args.out, args.from_)
+        init_model(args.preset, args.data, args.out, args.from_, seed=args.seed)
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         print(f"rtcodetr init-model: error: {e}", file=sys.stderr)
         return 1

@@ -336,3 +336,25 @@ def test_offline_hub_id_in_local_cache_loads(monkeypatch, tmp_path, rtdetr_tiny_
     assert model.config.id2label == {0: "bottle", 1: "can", 2: "cup", 3: "lid"}
     out = init_model("rtdetr-tiny", data4, tmp_path / "from_hub", from_="rtcodetr-test/tiny", verbose=False)
     assert load_model(out)[0].config.num_labels == 4
+
+
+def test_init_model_is_reproducible_for_a_seed(synthetic_data, tmp_path):
+    """The same command writes the same weights (the demo's teacher and students must not vary run to run), whatever
+    the caller's RNG state; another seed gives other weights; the caller's RNG is left untouched."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rtcodetr.models import init_model
+
+    torch.manual_seed(123)
+    a = load_file(init_model("rtdetr-tiny", synthetic_data.root, tmp_path / "a", verbose=False) / "model.safetensors")
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    torch.rand(7)  # a different caller RNG state must not matter
+    b = load_file(init_model("rtdetr-tiny", synthetic_data.root, tmp_path / "b", verbose=False) / "model.safetensors")
+    c = load_file(init_model("rtdetr-tiny", synthetic_data.root, tmp_path / "c", verbose=False, seed=1)
+                  / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after)  # init_model did not advance the caller's generator
