@@ -223,7 +223,30 @@ def build_model(preset: str, id2label: Mapping[int, str]):
     """
     from transformers import AutoModelForObjectDetection
 
-    return AutoModelForObjectDetection.from_config(build_config(preset, id2label))
+    model = AutoModelForObjectDetection.from_config(build_config(preset, id2label))
+    reset_batchnorm(model)
+    return model
+
+
+def reset_batchnorm(model: nn.Module) -> int:
+    """Set every ``nn.BatchNorm2d`` outside the backbone to weight 1, bias 0, running mean 0 / var 1; return the count.
+
+    transformers 5.x's ``RTDetrPreTrainedModel._init_weights`` (and RT-DETRv2's) draws these weights from
+    N(0, ``initializer_range``) instead of 1. The encoder/decoder input projections then scale their input by ~0.01,
+    cross-attention sees almost nothing and the denoising queries return their noised boxes unchanged: a model built
+    from a config learns at half speed or less. Pretrained checkpoints overwrite these weights, so only from-scratch
+    models (``build_model``) need this. The backbone's own BatchNorm is initialised correctly and is left alone.
+    """
+    inner = getattr(model, "model", None)
+    backbone = getattr(inner, "backbone", None)
+    in_backbone = {id(m) for m in backbone.modules()} if backbone is not None else set()
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d) and id(module) not in in_backbone:
+                module.reset_parameters()  # weight 1, bias 0, running statistics reset
+                count += 1
+    return count
 
 
 def build_image_processor(preset: str):

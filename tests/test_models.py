@@ -358,3 +358,23 @@ def test_init_model_is_reproducible_for_a_seed(synthetic_data, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
     torch.manual_seed(123)
     assert torch.equal(torch.rand(1), after)  # init_model did not advance the caller's generator
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_built_presets_start_with_batchnorm_weight_one_outside_the_backbone(preset):
+    """transformers 5.x draws RT-DETR's non-backbone BatchNorm weights from N(0, 0.01), which leaves the decoder
+    nearly blind; every preset built from its config must start at weight 1 / bias 0 / unit running variance."""
+    torch.manual_seed(0)
+    model = build_model(preset, {0: "a", 1: "b"})
+    backbone = {id(m) for m in model.model.backbone.modules()}
+    outside = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.BatchNorm2d) and id(m) not in backbone]
+    if model_family(model) == "rtdetr":
+        assert len(outside) > 10  # encoder input projections, CSP blocks, decoder input projections
+    for name, m in outside:
+        assert torch.equal(m.weight, torch.ones_like(m.weight)), name
+        assert torch.equal(m.bias, torch.zeros_like(m.bias)), name
+        assert torch.equal(m.running_var, torch.ones_like(m.running_var)), name
+    for m in model.model.backbone.modules():  # the backbone's own init was right and stays as it was
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight))
