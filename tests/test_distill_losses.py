@@ -96,6 +96,32 @@ def test_feature_loss_zero_on_match_and_ignores_masked_cells(kind):
     assert float(worse) > 1e-2
 
 
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 1e3])
+def test_pkd_is_invariant_to_scaling_both_maps(scale):
+    """PKD standardises each channel, so scaling the teacher and the student map by one factor must not change the
+    loss (the old ``sqrt(var + 1e-6)`` left every channel with std < 1e-3 unstandardised: 0.097 -> 0.0011 at 1e-4)."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 8, 5, 6, generator=g)
+    student = teacher + 0.5 * torch.randn(2, 8, 5, 6, generator=g)
+    mask = torch.ones(2, 1, 5, 6)
+    mask[1, :, 3:] = 0
+    loss = FeatureDistillLoss("pkd")
+    base = float(loss(student, teacher, mask))
+    assert base > 0.05
+    assert float(loss(student * scale, teacher * scale, mask)) == pytest.approx(base, rel=1e-3)
+
+
+def test_pkd_gradient_is_finite_for_a_constant_channel_and_a_single_valid_cell():
+    student = torch.zeros(1, 3, 4, 4, requires_grad=True)
+    teacher = torch.randn(1, 3, 4, 4)
+    for mask in (torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4).index_put_((torch.tensor([0]),) * 2 +
+                                                                           (torch.tensor([1]), torch.tensor([2])),
+                                                                           torch.tensor(1.0))):
+        FeatureDistillLoss("pkd")(student, teacher, mask).backward()
+        assert torch.isfinite(student.grad).all()
+        student.grad = None
+
+
 def test_foreground_weights_mark_cells_in_gt_boxes():
     w = foreground_weights([torch.tensor([[0.0, 0.0, 40.0, 40.0]])], (3, 3), stride=32, fg_weight=2.0)
     expected = torch.ones(3, 3)
@@ -154,6 +180,66 @@ def test_resample_teacher_at_other_resolution_and_zoom_out_mask():
     expected_mask[:2, 1] = 1
     assert torch.equal(mask[0, 0], expected_mask)
     assert torch.equal(maps * (1 - mask), torch.zeros_like(maps))
+
+
+def _resample_reference(teacher, affine, orig_hw, tin_hw, valid, current_hw, grid_hw, stride=32.0):
+    """Independent float64 reference: per student cell centre -> original -> teacher input pixels -> cell units;
+    bilinear over the *valid* teacher cells only (coordinates clamped to the first/last valid cell centre); mask =
+    inside the current image and inside min(valid cells, the resized image)."""
+    c = teacher.shape[0]
+    inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    out = np.zeros((c, *grid_hw))
+    mask = np.zeros(grid_hw)
+    rows, cols = valid
+    for i in range(grid_hw[0]):
+        for j in range(grid_hw[1]):
+            x, y = (j + 0.5) * stride, (i + 0.5) * stride
+            if x > current_hw[1] or y > current_hw[0]:
+                continue
+            ox, oy, _ = inv @ np.array([x, y, 1.0])
+            u = ox * tin_hw[1] / orig_hw[1] / stride
+            v = oy * tin_hw[0] / orig_hw[0] / stride
+            if not (0 <= u <= min(cols, tin_hw[1] / stride) and 0 <= v <= min(rows, tin_hw[0] / stride)):
+                continue
+            mask[i, j] = 1
+            uu = min(max(u - 0.5, 0.0), cols - 1.0)
+            vv = min(max(v - 0.5, 0.0), rows - 1.0)
+            j0, i0 = int(np.floor(uu)), int(np.floor(vv))
+            j1, i1 = min(j0 + 1, cols - 1), min(i0 + 1, rows - 1)
+            a, b = uu - j0, vv - i0
+            out[:, i, j] = ((1 - a) * (1 - b) * teacher[:, i0, j0] + a * (1 - b) * teacher[:, i0, j1]
+                            + (1 - a) * b * teacher[:, i1, j0] + a * b * teacher[:, i1, j1])
+    return out, mask
+
+
+@pytest.mark.parametrize("case", ["zoom_out", "padded_teacher", "crop_and_flip"])
+def test_resample_near_edges_and_padding_matches_float64_reference(case):
+    """Cells near the image edge must not blend with grid_sample's zero padding, and cells near the last valid
+    teacher cell must not reach the teacher's padded cells (filled with garbage here so any leak shows)."""
+    rng = np.random.default_rng(0)
+    if case == "zoom_out":  # 256 x 256 original placed at (64, 40) in a 384 x 384 canvas, then resized to 320
+        orig, tin, fgrid, valid = (256, 256), (256, 256), (8, 8), (8, 8)
+        s = 320 / 384
+        affine = np.array([[s, 0, 40 * s], [0, s, 64 * s], [0, 0, 1]])
+        current, grid = (320, 320), (10, 10)
+    elif case == "padded_teacher":  # 250 x 333 original, teacher input 250 x 333 padded to 352 x 352 (11 x 11 cells)
+        orig, tin, fgrid, valid = (250, 333), (250, 333), (11, 11), (8, 11)
+        affine = np.diag([416 / 333, 416 / 250, 1.0])
+        current, grid = (416, 416), (13, 13)
+    else:  # flip + crop of a 200 x 300 original cached at 2x (teacher input 400 x 600)
+        orig, tin, fgrid, valid = (200, 300), (400, 600), (13, 19), (13, 19)
+        affine = np.array([[-1.0, 0, 300 - 20], [0, 1, -10], [0, 0, 1]]) @ np.eye(3)
+        current, grid = (180, 260), (6, 9)
+    teacher = rng.normal(size=(3, *fgrid))
+    teacher[:, valid[0]:, :] = 1e3  # padded teacher cells: garbage that must never be sampled
+    teacher[:, :, valid[1]:] = 1e3
+    maps, mask = resample_teacher_features(
+        torch.tensor(teacher, dtype=torch.float32)[None], torch.tensor(affine)[None], torch.tensor([orig]),
+        torch.tensor([tin]), torch.tensor([valid]), torch.tensor([current]), grid)
+    ref, ref_mask = _resample_reference(teacher, affine, orig, tin, valid, current, grid)
+    assert ref_mask.sum() > 0.3 * ref_mask.size
+    np.testing.assert_array_equal(mask[0, 0].numpy(), ref_mask)
+    np.testing.assert_allclose(maps[0].numpy(), ref * ref_mask, atol=2e-5)
 
 
 def test_teacher_boxes_follow_flip_and_crop():

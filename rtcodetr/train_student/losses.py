@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
 
 _EPS = 1e-6
+_PKD_REL_EPS = 1e-3  # PKD std floor, relative to the mean channel std of the sample (scale-invariant)
 
 
 def binary_kl_with_logits(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -194,10 +195,20 @@ class FeatureDistillLoss(nn.Module):
 
     @staticmethod
     def _standardise(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per sample and channel over the masked cells: ``(x - mean) / (std + floor)``.
+
+        The floor is relative, ``_PKD_REL_EPS`` times the sample's mean channel std, so the loss of a pair of maps
+        does not depend on their overall scale: an absolute ``sqrt(var + 1e-6)`` never standardised a channel whose
+        std was below ~1e-3 (a random-init teacher's maps), and PKD's absolute ``std + 1e-6`` still drifts for maps
+        of std ~1e-4. Channels flatter than the floor (constant, carrying nothing) stay near zero.
+        """
         n = mask.sum((2, 3), keepdim=True).clamp_min(1.0)
         mean = (x * mask).sum((2, 3), keepdim=True) / n
         var = ((x - mean) ** 2 * mask).sum((2, 3), keepdim=True) / n
-        return (x - mean) / (var + 1e-6).sqrt()
+        # clamp before the square root: d sqrt(var) / d var is infinite at 0 (one valid cell, a dead channel), which
+        # would turn the zero gradient of a constant channel into NaN
+        std = var.clamp_min(1e-24).sqrt()
+        return (x - mean) / (std + _PKD_REL_EPS * std.mean(1, keepdim=True))
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
                 weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -79,14 +79,21 @@ def resample_teacher_features(
     hs, ws = student_grid_hw
     theta = student_to_teacher_theta(affine, orig_hw, teacher_input_hw, (hf, wf), teacher_stride, (hs, ws), student_stride)
     grid = F.affine_grid(theta, [b, 1, hs, ws], align_corners=False)  # [B, Hs, Ws, 2] teacher-normalized (x, y)
-    maps = F.grid_sample(teacher.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
+    # Sample only from valid teacher cells: clamp to the centres of the first and last valid cell, so bilinear
+    # weights never reach the zero padding of grid_sample (student cells within half a teacher cell of an image
+    # edge) nor the teacher's padded cells (when the last valid cell is more than half filled). Near an edge the
+    # value is then the edge cell's own, as for any other cell inside it.
     dev = teacher.device
+    valid = teacher_valid.to(dev, torch.float32)
+    lo = torch.tensor([1.0 / wf - 1.0, 1.0 / hf - 1.0], device=dev)  # centre of cell 0, normalized
+    hi = torch.stack([2 * (valid[:, 1] - 0.5) / wf - 1, 2 * (valid[:, 0] - 0.5) / hf - 1], -1)  # [B, 2]
+    sample_grid = torch.maximum(torch.minimum(grid, hi[:, None, None, :]), lo)
+    maps = F.grid_sample(teacher.float(), sample_grid, mode="bilinear", padding_mode="border", align_corners=False)
+
     # teacher feature coordinates in cell units (0 .. Wf): u = (x_n + 1) Wf / 2
     u = (grid[..., 0] + 1) * wf / 2
     v = (grid[..., 1] + 1) * hf / 2
     tin_hw = teacher_input_hw.to(dev, torch.float32)
-    valid = teacher_valid.to(dev, torch.float32)
     # limit: the valid cells and the teacher input image itself (the original image resized), whichever is smaller
     lim_u = torch.minimum(valid[:, 1], tin_hw[:, 1] / teacher_stride)[:, None, None]
     lim_v = torch.minimum(valid[:, 0], tin_hw[:, 0] / teacher_stride)[:, None, None]
