@@ -348,3 +348,30 @@ def test_ablation_arm_configs_differ_only_in_loss():
     for name in ("distill_feature", "distill_prediction"):
         same = {k: v for k, v in asdict(arms[name].loss).items() if k not in ("feature_weight", "prediction_weight")}
         assert same == {k: v for k, v in asdict(arms["distill"].loss).items() if k in same}, name
+
+
+def test_adapter_arm_draws_the_same_denoising_noise_as_its_baseline(tmp_path, synthetic_data, tiny_model_dir,
+                                                                    teacher_cache, monkeypatch, one_thread):
+    """Arms must differ only in their losses: the feature arm's 1x1 adapter is initialised from its own seeded stream,
+    so the denoising queries (drawn from the global RNG inside RT-DETR) are the same as the baseline's."""
+    import transformers.models.rt_detr.modeling_rt_detr as rt
+
+    from rtcodetr.train_student.train import run
+
+    drawn: list[list[torch.Tensor]] = []
+    original = rt.get_contrastive_denoising_training_group
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        drawn[-1].append(out[1].detach().clone())  # the noised boxes: GT + noise only (the class part uses weights)
+        return out
+
+    monkeypatch.setattr(rt, "get_contrastive_denoising_training_group", spy)
+    common = dict(data=synthetic_data.root, model=tiny_model_dir("rtdetr-tiny"), max_steps=2, eval_every=0)
+    for name, extra in (("baseline", {}), ("feature", {"cache": teacher_cache, "loss.feature_weight": 1})):
+        drawn.append([])
+        result = run(_cfg(out=tmp_path / name, **common, **extra))
+        assert ("feature" in result["losses"]) == (name == "feature")
+    assert len(drawn[0]) == len(drawn[1]) == 2
+    for a, b in zip(*drawn):
+        assert torch.equal(a, b)

@@ -128,7 +128,8 @@ class StudentWithAdapters(nn.Module):
     stride-32 map (``feature_source``) to the teacher's channel count; it is not part of the saved student.
     """
 
-    def __init__(self, student: nn.Module, feature_source: str | None = None, teacher_channels: int | None = None):
+    def __init__(self, student: nn.Module, feature_source: str | None = None, teacher_channels: int | None = None,
+                 seed: int = 0):
         super().__init__()
         self.student = student
         self.feature_source = feature_source
@@ -137,7 +138,12 @@ class StudentWithAdapters(nn.Module):
             from rtcodetr.features import feature_channels
 
             cin = feature_channels(student)[feature_source]
-            self.adapter = nn.Conv2d(cin, int(teacher_channels), kernel_size=1)
+            # Drawn from its own seeded stream, not the global RNG: otherwise an arm with an adapter would start the
+            # loop from another RNG state than its baseline twin (other denoising noise, other dropout), and arms
+            # would differ in more than their losses.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.adapter = nn.Conv2d(cin, int(teacher_channels), kernel_size=1)
 
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None, labels=None):
         if self.adapter is None:
@@ -570,7 +576,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                              **loader_kwargs)
 
     # ---- the trainable module, criterion, optimizer
-    net = StudentWithAdapters(model, lcfg.feature_source if use_feat else None, teacher_channels)
+    net = StudentWithAdapters(model, lcfg.feature_source if use_feat else None, teacher_channels, seed=cfg.seed)
     net.train()
     criterion = DistillCriterion(lcfg, use_feat, use_pred, teacher_stride=teacher_stride)
     weight_dict = build_weight_dict(lcfg)
