@@ -82,6 +82,64 @@ def test_prediction_loss_weighting_by_teacher_confidence():
     assert float(losses["pred_l1"]) < 1e-5
 
 
+def _gt_scene():
+    """One image, 5 queries, 3 classes. GT: box A (class 0). Teacher: t0 detects A, t1 a confident object with no
+    GT box, t2 low-confidence clutter. The student's GT matcher trains query 2 for A; query 4 sits exactly on t0."""
+    box_a = torch.tensor([0.3, 0.3, 0.2, 0.2])
+    teacher = PredictionTargets(
+        probs=torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.1, 0.1, 0.05]]),
+        boxes=torch.stack([box_a + 0.01, torch.tensor([0.7, 0.7, 0.2, 0.2]), torch.tensor([0.5, 0.2, 0.1, 0.1])]),
+        weight=torch.tensor([0.9, 0.8, 0.1]))
+    logits = torch.full((1, 1, 5, 3), -4.0)
+    boxes = torch.tensor([[0.1, 0.1, 0.1, 0.1], [0.5, 0.5, 0.3, 0.3], [0.32, 0.28, 0.25, 0.2], [0.9, 0.9, 0.1, 0.1],
+                          [0.31, 0.31, 0.2, 0.2]])[None, None]
+    logits[0, 0, 4, 0] = 2.0
+    gt = [{"class_labels": torch.tensor([0]), "boxes": box_a[None]}]
+    gt_matcher = lambda outputs, labels: [(torch.tensor([2]), torch.tensor([0]))]  # noqa: E731
+    return teacher, logits, boxes, gt, gt_matcher
+
+
+def test_gt_assignment_distils_into_the_query_the_gt_loss_trains():
+    teacher, logits, boxes, gt, gt_matcher = _gt_scene()
+    loss = PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3)
+    b, l, q, t = loss.assign(logits, boxes, [teacher], gt)
+    pairs = dict(zip(t.tolist(), q.tolist()))
+    assert pairs[0] == 2  # t0 detects GT A: it teaches A's positive query, not query 4 that happens to sit on it
+    assert 1 in pairs and pairs[1] != 2  # the confident object without GT goes to a query the GT loss leaves free
+    assert 2 not in pairs  # clutter below min_confidence is not distilled
+    # the independent matching (the old design) puts t0 on query 4: the inconsistency the GT assignment removes
+    _, _, q_h, t_h = PredictionDistillLoss(assignment="hungarian", min_confidence=0.3).assign(logits, boxes, [teacher])
+    assert dict(zip(t_h.tolist(), q_h.tolist()))[0] == 4
+
+
+def test_gt_assignment_on_an_image_without_gt_distils_only_confident_predictions():
+    teacher, logits, boxes, _, gt_matcher = _gt_scene()
+    empty = [{"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
+    loss = PredictionDistillLoss(assignment="gt", gt_matcher=lambda o, l: [(torch.zeros(0, dtype=torch.long),) * 2],
+                                 min_confidence=0.3)
+    _, _, q, t = loss.assign(logits, boxes, [teacher], empty)
+    assert sorted(t.tolist()) == [0, 1] and len(set(q.tolist())) == 2
+    out = loss(logits.requires_grad_(), boxes, [teacher], empty)
+    assert all(torch.isfinite(v) and v > 0 for v in out.values())
+
+
+def test_gt_matcher_for_rtdetr_matches_like_its_detection_loss():
+    from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
+
+    from rtcodetr.models import build_config
+    from rtcodetr.train_student.losses import gt_matcher_for
+
+    config = build_config("rtdetr-tiny", {0: "a", 1: "b"})
+    matcher = gt_matcher_for(config)
+    assert isinstance(matcher, RTDetrHungarianMatcher)
+    g = torch.Generator().manual_seed(0)
+    outputs = {"logits": torch.randn(2, 10, 2, generator=g), "pred_boxes": torch.rand(2, 10, 4, generator=g) * 0.5 + 0.2}
+    labels = [{"class_labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.6, 0.2, 0.2]])},
+              {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}]
+    indices = matcher(outputs, labels)
+    assert [len(i) for i, _ in indices] == [2, 1]
+
+
 @pytest.mark.parametrize("kind", ["mse", "pkd", "cosine"])
 def test_feature_loss_zero_on_match_and_ignores_masked_cells(kind):
     g = torch.Generator().manual_seed(0)

@@ -375,3 +375,54 @@ def test_adapter_arm_draws_the_same_denoising_noise_as_its_baseline(tmp_path, sy
     assert len(drawn[0]) == len(drawn[1]) == 2
     for a, b in zip(*drawn):
         assert torch.equal(a, b)
+
+
+def test_online_teacher_gives_the_cached_targets_on_an_unaugmented_view(synthetic_data, tiny_model_dir, teacher_cache):
+    """The online arm asks the teacher about the student's own view; without augmentation that view is the original
+    image, so its targets must equal the cache's (up to the resize kernel: PIL in the cache job, torch here)."""
+    from rtcodetr.cache_teacher import TeacherCache
+    from rtcodetr.data.dataset import CocoDetection
+    from rtcodetr.data.prepared import PreparedData
+    from rtcodetr.data.transforms import build_transforms
+    from rtcodetr.train_student.distill_data import DistillDataset, collate
+    from rtcodetr.train_student.online_teacher import OnlineTeacher
+    from rtcodetr.train_student.resample import resample_teacher_features
+
+    data = PreparedData.load(synthetic_data.root)
+    base = CocoDetection(data, "train", build_transforms(False, (128, 128), None, None))
+    cache = TeacherCache(str(teacher_cache), data=data, split="train", tensors=["encoder", "logits", "boxes"])
+    ds = DistillDataset(base, cache, predictions=True, features=("encoder",), topk=100)
+    cached = collate([ds[i] for i in range(4)])
+    online_batch = collate([base[i] for i in range(4)])
+    teacher = OnlineTeacher(str(tiny_model_dir("rtdetr-small")), torch.device("cpu"), features=("encoder",),
+                            predictions=True, topk=100)
+    teacher(online_batch)
+
+    def student_grid(batch, affine, orig):
+        return resample_teacher_features(batch["teacher_encoder"], affine, orig, batch["teacher_input_hw"],
+                                         batch["teacher_valid"], batch["size"], (4, 4))
+
+    a, mask_a = student_grid(cached, cached["affine"], cached["orig_size"])
+    b, mask_b = student_grid(online_batch, online_batch["teacher_affine"], online_batch["teacher_orig_size"])
+    assert torch.equal(mask_a, mask_b) and mask_a.all()
+    cos = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
+    assert (cos > 0.99).all(), cos
+    for ta, tb in zip(cached["targets"], online_batch["targets"]):
+        # a random-init teacher's confidences are nearly tied, so compare the predictions as sets, not by rank
+        assert ta["teacher_probs"].shape == tb["teacher_probs"].shape
+        dist = torch.cdist(torch.cat([ta["teacher_boxes_cxcywh"], ta["teacher_probs"]], 1),
+                           torch.cat([tb["teacher_boxes_cxcywh"], tb["teacher_probs"]], 1), p=1)
+        assert float((dist.min(1).values < 0.02).float().mean()) > 0.95  # a rare tie-broken box may differ
+
+
+def test_online_teacher_arm_trains(tmp_path, synthetic_data, tiny_model_dir, one_thread):
+    from rtcodetr.train_student.train import run
+
+    result = run(_cfg(out=tmp_path / "online", data=synthetic_data.root, model=tiny_model_dir("rtdetr-tiny"),
+                      teacher=tiny_model_dir("rtdetr-small"), max_steps=2, eval_every=0,
+                      **{"loss.feature_weight": 1, "loss.prediction_weight": 1}))
+    assert result["steps"] == 2 and set(result["losses"]) == {"detection", "feature", "pred_class", "pred_l1",
+                                                               "pred_giou"}
+    with pytest.raises(ConfigError, match="not both"):
+        run(_cfg(out=tmp_path / "both", data=synthetic_data.root, model=tiny_model_dir("rtdetr-tiny"),
+                 teacher=tiny_model_dir("rtdetr-small"), cache=tmp_path, max_steps=1))

@@ -40,6 +40,19 @@ def teacher_boxes_to_current(
     return moved[keep].astype(np.float32), keep
 
 
+def select_teacher_predictions(logits: np.ndarray, boxes: np.ndarray, topk: int
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The teacher's ``topk`` most confident predictions of one image, most confident first.
+
+    logits float ``[Q, K]`` (pre-sigmoid), boxes ``[Q, 4]`` -> (probs float32 ``[T, K]`` (sigmoid), weight float32
+    ``[T]`` (max class probability), boxes ``[T, 4]`` as given), T = min(topk, Q).
+    """
+    probs = expit(np.asarray(logits, dtype=np.float32))  # scipy's: no overflow warning for very negative logits
+    weight = probs.max(-1)
+    top = np.argsort(-weight, kind="stable")[:min(topk, len(weight))]
+    return probs[top].astype(np.float32), weight[top].astype(np.float32), np.asarray(boxes)[top]
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 32-bit seed for one sample's augmentation, independent of worker count, order and resumption."""
     return zlib.crc32(f"{seed}/{epoch}/{index}".encode()) & 0x7FFFFFFF
@@ -111,15 +124,12 @@ class DistillDataset(torch.utils.data.Dataset):
                              f"expected {int(target['image_id'])}")
         target = dict(target)
         if self.predictions:
-            probs = expit(row["logits"].astype(np.float32))  # scipy's: no overflow warning for very negative logits
-            weight = probs.max(-1)
-            k = min(self.topk, len(weight))
-            top = np.argsort(-weight, kind="stable")[:k]
+            probs, weight, boxes = select_teacher_predictions(row["logits"], row["boxes"], self.topk)
             affine = np.asarray(target["affine"], dtype=np.float64)
-            boxes, keep = teacher_boxes_to_current(row["boxes"][top], _hw(target["orig_size"]), affine, _hw(target["size"]))
+            boxes, keep = teacher_boxes_to_current(boxes, _hw(target["orig_size"]), affine, _hw(target["size"]))
             target["teacher_boxes"] = torch.from_numpy(boxes)
-            target["teacher_probs"] = torch.from_numpy(probs[top][keep].astype(np.float32))
-            target["teacher_weight"] = torch.from_numpy(weight[top][keep].astype(np.float32))
+            target["teacher_probs"] = torch.from_numpy(probs[keep])
+            target["teacher_weight"] = torch.from_numpy(weight[keep])
         for name in self.features:
             target[f"teacher_{name}"] = torch.from_numpy(np.ascontiguousarray(row[name], dtype=np.float32))
         if self.features:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
 
 _EPS = 1e-6
 _PKD_REL_EPS = 1e-3  # PKD std floor, relative to the mean channel std of the sample (scale-invariant)
@@ -91,67 +91,160 @@ class DistillMatcher:
         return rows.astype(np.int64), cols.astype(np.int64)
 
 
+Assignment = Literal["gt", "hungarian"]
+
+
+def teacher_to_gt(target: PredictionTargets, gt_labels: torch.Tensor, gt_boxes: torch.Tensor,
+                  min_iou: float = 0.5) -> np.ndarray:
+    """For each ground-truth box, the index of the teacher prediction that detects it, or -1.
+
+    One Hungarian assignment of teacher predictions to GT boxes (cost: 1 - teacher probability of the GT class +
+    L1 + (1 - GIoU)); a pair counts only if its IoU is at least ``min_iou``. gt_labels int ``[G]``, gt_boxes float
+    ``[G, 4]`` normalized cxcywh of the current image (as the model's labels) -> int64 ``[G]``.
+    """
+    g = len(gt_boxes)
+    out = np.full(g, -1, dtype=np.int64)
+    if g == 0 or len(target.boxes) == 0:
+        return out
+    t_xyxy = box_convert(target.boxes.float(), "cxcywh", "xyxy")
+    g_xyxy = box_convert(gt_boxes.float().to(t_xyxy.device), "cxcywh", "xyxy")
+    iou = box_iou(t_xyxy, g_xyxy)
+    cost = (1 - target.probs.float()[:, gt_labels.long().to(t_xyxy.device)]
+            + torch.cdist(target.boxes.float(), gt_boxes.float().to(t_xyxy.device), p=1)
+            + 1 - generalized_box_iou(t_xyxy, g_xyxy))
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    ok = iou.cpu().numpy()[rows, cols] >= min_iou
+    out[cols[ok]] = rows[ok]
+    return out
+
+
 class PredictionDistillLoss(nn.Module):
-    """Matched-pair distillation of class probabilities and boxes on every decoder layer.
+    """Distillation of class probabilities and boxes on matched (student query, teacher prediction) pairs, every
+    decoder layer.
 
-    For each layer and sample the student's (non-denoising) queries are matched to the teacher's top-k predictions;
-    each matched pair contributes, weighted by the teacher's confidence ``w``:
-    ``class`` = mean_k KL(teacher_prob || sigmoid(student_logit)), ``l1`` = |box_s - box_t|_1 (normalized cxcywh),
-    ``giou`` = 1 - GIoU. Each is normalised by the total teacher confidence and averaged over layers.
+    Which student query learns from which teacher prediction (``assignment``):
+    - ``"gt"`` (the trainer's default): the student's own ground-truth assignment is shared. Every teacher prediction is first
+      assigned to the GT box it detects (``teacher_to_gt``, IoU >= ``gt_iou``); the student query that the GT loss
+      trains as that box's positive (the student's matcher, per layer, exactly as in its detection loss) learns the
+      teacher's probabilities and box for it. Teacher predictions with confidence >= ``min_confidence`` that detect
+      no GT box (objects the annotation lacks; on images without GT, every confident prediction) are matched by
+      ``matcher`` to the queries the GT loss leaves unassigned. So a query is never pulled towards an object by the
+      distillation loss while the GT loss trains it as background, and the teacher's low-confidence clutter is not
+      distilled (KD-DETR's "inconsistent distillation points").
+    - ``"hungarian"`` (this class's default, as it needs no model): every teacher prediction with confidence >= ``min_confidence`` is matched to the student's
+      queries independently of the GT assignment (DETRDistill-style).
 
-    All cost matrices of a step go to the host in one copy (one device sync per step, not one per layer x sample),
-    and the losses are computed on all matched pairs at once.
+    Each pair contributes, weighted by the teacher's confidence ``w``: ``class`` = mean_k KL(teacher_prob ||
+    sigmoid(student_logit)), ``l1`` = |box_s - box_t|_1 (normalized cxcywh), ``giou`` = 1 - GIoU; each loss is the
+    ``w``-weighted mean over all pairs of all layers. Assignment runs on the host (scipy), with one device->host copy
+    per cost matrix batch, and the losses are computed on all pairs at once.
     """
 
-    def __init__(self, matcher: DistillMatcher | None = None):
+    def __init__(self, matcher: DistillMatcher | None = None, *, assignment: Assignment = "hungarian", gt_matcher=None,
+                 min_confidence: float = 0.0, gt_iou: float = 0.5):
         super().__init__()
+        if assignment not in ("gt", "hungarian"):
+            raise ValueError(f"prediction assignment must be 'gt' or 'hungarian', got {assignment!r}")
+        if assignment == "gt" and gt_matcher is None:
+            raise ValueError("assignment='gt' needs the student's ground-truth matcher (gt_matcher)")
         self.matcher = matcher or DistillMatcher()
+        self.assignment, self.gt_matcher = assignment, gt_matcher
+        self.min_confidence, self.gt_iou = min_confidence, gt_iou
+
+    @torch.no_grad()
+    def assign(self, layer_logits: torch.Tensor, layer_boxes: torch.Tensor, targets: Sequence[PredictionTargets],
+               gt: Sequence[dict] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(sample, layer, query, teacher) int64 index arrays of the distilled pairs (teacher indices per sample)."""
+        num_layers, num_queries = layer_logits.shape[1], layer_logits.shape[2]
+        share_gt = self.assignment == "gt" and gt is not None
+        pairs: list[tuple[int, int, int, int]] = []
+        free = np.ones((len(targets), num_layers, num_queries), dtype=bool)  # queries the GT loss leaves unassigned
+        extras: list[np.ndarray] = []  # per sample: confident teacher predictions left to the KD matcher
+        of_gt: list[np.ndarray] = []
+        for b, t in enumerate(targets):
+            confident = (t.weight >= self.min_confidence).cpu().numpy()
+            assigned = teacher_to_gt(t, gt[b]["class_labels"], gt[b]["boxes"], self.gt_iou) if share_gt else \
+                np.zeros(0, dtype=np.int64)
+            detects_gt = np.zeros(len(t.boxes), dtype=bool)
+            detects_gt[assigned[assigned >= 0]] = True
+            of_gt.append(assigned)
+            extras.append(np.flatnonzero(confident & ~detects_gt))
+        if share_gt:
+            for layer in range(num_layers):  # the student's own GT assignment, as its detection loss computes it
+                indices = self.gt_matcher({"logits": layer_logits[:, layer].detach(),
+                                           "pred_boxes": layer_boxes[:, layer].detach()}, list(gt))
+                for b, (queries, gts) in enumerate(indices):
+                    queries, gts = queries.numpy(), gts.numpy()
+                    free[b, layer, queries] = False
+                    teacher = of_gt[b][gts]
+                    pairs += [(b, layer, int(q), int(t)) for q, t in zip(queries[teacher >= 0], teacher[teacher >= 0])]
+        problems = [(b, e) for b, e in enumerate(extras) if len(e)]
+        if problems:  # the remaining confident teacher predictions: Hungarian-matched to free queries, every layer
+            costs = [self.matcher.cost(layer_logits[b], layer_boxes[b], PredictionTargets(
+                targets[b].probs[e], targets[b].boxes[e], targets[b].weight[e])) for b, e in problems]
+            flat = torch.cat([c.flatten() for c in costs]).cpu().numpy()  # one device -> host copy
+            start = 0
+            for b, e in problems:
+                size = num_layers * num_queries * len(e)
+                cost = flat[start:start + size].reshape(num_layers, num_queries, len(e))
+                start += size
+                for layer in range(num_layers):
+                    queries = np.flatnonzero(free[b, layer])
+                    rows, cols = linear_sum_assignment(cost[layer][queries])
+                    pairs += [(b, layer, int(queries[r]), int(e[c])) for r, c in zip(rows, cols)]
+        if not pairs:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty, empty
+        b_i, l_i, q_i, t_i = (np.asarray(col, dtype=np.int64) for col in zip(*pairs))
+        return b_i, l_i, q_i, t_i
 
     def forward(
-        self, layer_logits: torch.Tensor, layer_boxes: torch.Tensor, targets: Sequence[PredictionTargets]
+        self, layer_logits: torch.Tensor, layer_boxes: torch.Tensor, targets: Sequence[PredictionTargets],
+        gt: Sequence[dict] | None = None,
     ) -> dict[str, torch.Tensor]:
         """layer_logits ``[B, L, Q, K]`` pre-sigmoid, layer_boxes ``[B, L, Q, 4]`` normalized cxcywh (denoising queries
-        already removed) -> {"pred_class", "pred_l1", "pred_giou"} scalar tensors (float32)."""
-        num_layers = layer_logits.shape[1]
+        already removed); ``gt``: the model's labels (``class_labels``, ``boxes`` normalized cxcywh) per sample, needed
+        by ``assignment="gt"`` -> {"pred_class", "pred_l1", "pred_giou"} scalar tensors (float32)."""
         device = layer_logits.device
-        samples = [b for b, t in enumerate(targets) if len(t.boxes)]
-        if not samples:
-            zero = layer_logits.sum() * 0.0  # keeps the graph connected when nothing matches
+        b_i, l_i, q_i, t_i = self.assign(layer_logits, layer_boxes, targets, gt)
+        if len(b_i) == 0:
+            zero = layer_logits.sum() * 0.0  # keeps the graph connected when nothing is distilled
             return {"pred_class": zero, "pred_l1": zero, "pred_giou": zero}
-        # one batched cost per sample over all its layers ([L, Q, T_b]), all sent to the host in one copy
-        costs = [self.matcher.cost(layer_logits[b], layer_boxes[b], targets[b]) for b in samples]
-        flat = torch.cat([c.flatten() for c in costs]).cpu().numpy()
-        problems = [(b, layer) for b in samples for layer in range(num_layers)]  # the order of ``flat``
-        offsets = np.cumsum([0] + [len(t.boxes) for t in targets])
-        idx_b, idx_l, idx_q, idx_t = [], [], [], []
-        start = 0
-        for b, layer in problems:
-            q, t = layer_logits.shape[2], len(targets[b].boxes)
-            rows, cols = linear_sum_assignment(flat[start:start + q * t].reshape(q, t))
-            start += q * t
-            idx_b.append(np.full(len(rows), b))
-            idx_l.append(np.full(len(rows), layer))
-            idx_q.append(rows)
-            idx_t.append(cols + offsets[b])
-        as_t = lambda parts: torch.as_tensor(np.concatenate(parts), dtype=torch.long, device=device)  # noqa: E731
-        b_i, l_i, q_i, t_i = as_t(idx_b), as_t(idx_l), as_t(idx_q), as_t(idx_t)
-        s_logits = layer_logits[b_i, l_i, q_i].float()
-        s_boxes = layer_boxes[b_i, l_i, q_i].float()
-        t_probs = torch.cat([t.probs for t in targets]).float().to(device)[t_i]
-        t_boxes = torch.cat([t.boxes for t in targets]).float().to(device)[t_i]
-        all_w = torch.cat([t.weight for t in targets]).float().to(device)
-        w = all_w[t_i]
+        offsets = np.cumsum([0] + [len(t.boxes) for t in targets])[:-1]
+        flat_t = torch.as_tensor(t_i + offsets[b_i], dtype=torch.long, device=device)
+        as_t = lambda a: torch.as_tensor(a, dtype=torch.long, device=device)  # noqa: E731
+        s_logits = layer_logits[as_t(b_i), as_t(l_i), as_t(q_i)].float()
+        s_boxes = layer_boxes[as_t(b_i), as_t(l_i), as_t(q_i)].float()
+        t_probs = torch.cat([t.probs for t in targets]).float().to(device)[flat_t]
+        t_boxes = torch.cat([t.boxes for t in targets]).float().to(device)[flat_t]
+        w = torch.cat([t.weight for t in targets]).float().to(device)[flat_t]
         # row-aligned pairs: torchvision's elementwise GIoU loss (1 - GIoU), not the [M, M] matrix
         giou_loss = generalized_box_iou_loss(box_convert(s_boxes, "cxcywh", "xyxy"),
                                              box_convert(t_boxes, "cxcywh", "xyxy"))
-        # the total teacher confidence stays on the device (no host sync); clamped only against all-zero weights,
-        # where every numerator is 0 as well
-        scale = all_w.sum().clamp_min(1e-12) * num_layers
+        scale = w.sum().clamp_min(1e-12)  # on the device: no host sync; all-zero weights have zero numerators too
         return {
             "pred_class": (binary_kl_with_logits(s_logits, t_probs).mean(-1) * w).sum() / scale,
             "pred_l1": ((s_boxes - t_boxes).abs().sum(-1) * w).sum() / scale,
             "pred_giou": (giou_loss * w).sum() / scale,
         }
+
+
+def gt_matcher_for(config):
+    """The Hungarian matcher that the student's own detection loss uses (same costs, from its config), so that the
+    prediction distillation can share the GT assignment: called as ``matcher({"logits", "pred_boxes"}, labels)`` ->
+    per sample ``(query indices, GT indices)``."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ("rt_detr", "rt_detr_v2"):
+        from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
+
+        return RTDetrHungarianMatcher(config)
+    if model_type in ("conditional_detr", "deformable_detr", "dab_detr"):
+        from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher
+
+        return DeformableDetrHungarianMatcher(class_cost=config.class_cost, bbox_cost=config.bbox_cost,
+                                              giou_cost=config.giou_cost)
+    raise ValueError(f"prediction distillation with assignment 'gt' does not know the matcher of '{model_type}' "
+                     "students; use loss.pred_assignment=hungarian")
 
 
 FeatureLossKind = Literal["mse", "pkd", "cosine"]

@@ -79,7 +79,12 @@ class LossConfig:
     match_class_cost: float = 2.0
     match_l1_cost: float = 5.0
     match_giou_cost: float = 2.0
-    topk: int = 100  # teacher predictions per image (by confidence) used as distillation targets
+    topk: int = 100  # teacher predictions per image (by confidence) read from the cache
+    # "gt": a teacher prediction that detects a GT box is distilled into the query the student's GT loss trains for
+    # that box; confident ones that detect none go to queries the GT loss leaves free. "hungarian": independent match.
+    pred_assignment: Literal["gt", "hungarian"] = "gt"
+    pred_min_confidence: float = 0.3  # teacher predictions below this (max class probability) are not distilled
+    pred_gt_iou: float = 0.5  # a teacher prediction detects a GT box when their IoU is at least this
 
 
 @dataclass
@@ -87,6 +92,9 @@ class TrainConfig:
     data: str = ""  # prepared dataset directory (rtcodetr data ...)
     model: str = ""  # save_pretrained model directory (rtcodetr init-model, or a fine-tuned run's best/)
     cache: str | None = None  # teacher cache (zarr path / fsspec URL); None: no distillation
+    # Online teacher (model directory) instead of a cache: the same losses with the teacher run on each augmented
+    # batch. The reference arm that shows what the cache costs; slower, not for production runs.
+    teacher: str | None = None
     out: str = "runs/train"
     train_split: str = "train"
     val_split: str = "val"
@@ -231,16 +239,21 @@ class DistillCriterion(nn.Module):
     """
 
     def __init__(self, cfg: LossConfig, use_features: bool, use_predictions: bool, teacher_stride: float = 32.0,
-                 student_stride: float = 32.0):
+                 student_stride: float = 32.0, student_config=None):
         super().__init__()
-        from rtcodetr.train_student.losses import DistillMatcher, FeatureDistillLoss, PredictionDistillLoss
+        from rtcodetr.train_student.losses import DistillMatcher, FeatureDistillLoss, PredictionDistillLoss, gt_matcher_for
 
         self.cfg = cfg
         self.use_features, self.use_predictions = use_features, use_predictions
         self.teacher_stride, self.student_stride = teacher_stride, student_stride
         self.feature_loss = FeatureDistillLoss(cfg.feature_loss) if use_features else None
-        self.prediction_loss = PredictionDistillLoss(
-            DistillMatcher(cfg.match_class_cost, cfg.match_l1_cost, cfg.match_giou_cost)) if use_predictions else None
+        self.prediction_loss = None
+        if use_predictions:
+            gt_matcher = gt_matcher_for(student_config) if cfg.pred_assignment == "gt" else None
+            self.prediction_loss = PredictionDistillLoss(
+                DistillMatcher(cfg.match_class_cost, cfg.match_l1_cost, cfg.match_giou_cost),
+                assignment=cfg.pred_assignment, gt_matcher=gt_matcher, min_confidence=cfg.pred_min_confidence,
+                gt_iou=cfg.pred_gt_iou)
 
     def forward(self, outputs, student_map: torch.Tensor | None, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         from rtcodetr.train_student.losses import PredictionTargets, foreground_weights, split_denoising
@@ -248,8 +261,10 @@ class DistillCriterion(nn.Module):
 
         losses = {"detection": outputs.loss}
         if self.use_features:
+            # the frame the teacher saw: the original image (cache), or the current view itself (online teacher)
             teacher_map, mask = resample_teacher_features(
-                batch[f"teacher_{self.cfg.teacher_feature}"], batch["affine"], batch["orig_size"],
+                batch[f"teacher_{self.cfg.teacher_feature}"], batch.get("teacher_affine", batch["affine"]),
+                batch.get("teacher_orig_size", batch["orig_size"]),
                 batch["teacher_input_hw"], batch["teacher_valid"], batch["size"], tuple(student_map.shape[-2:]),
                 self.teacher_stride, self.student_stride)
             weights = None
@@ -261,7 +276,7 @@ class DistillCriterion(nn.Module):
             logits, boxes = split_denoising(outputs)
             targets = [PredictionTargets(probs=t["teacher_probs"], boxes=t["teacher_boxes_cxcywh"],
                                          weight=t["teacher_weight"]) for t in batch["targets"]]
-            losses.update(self.prediction_loss(logits, boxes, targets))
+            losses.update(self.prediction_loss(logits, boxes, targets, batch["labels"]))
         return losses
 
 
@@ -495,8 +510,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError("train: both data=DATA_DIR and model=MODEL_DIR are required")
     out = Path(cfg.out)
     lcfg = cfg.loss
-    use_pred = bool(cfg.cache) and lcfg.prediction_weight > 0
-    use_feat = bool(cfg.cache) and lcfg.feature_weight > 0
+    if cfg.cache and cfg.teacher:
+        raise ConfigError("train: give either cache=CACHE (the cached teacher) or teacher=MODEL_DIR (the online "
+                          "reference arm), not both")
+    source = cfg.cache or cfg.teacher  # where distillation targets come from
+    use_pred = bool(source) and lcfg.prediction_weight > 0
+    use_feat = bool(source) and lcfg.feature_weight > 0
     if cfg.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
         print("[train] mixed_precision=fp16 needs a CUDA device; training in float32 on the CPU", flush=True)
         cfg = replace(cfg, mixed_precision="no")
@@ -529,13 +548,29 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         processor.size = {"height": int(cfg.image_size[0]), "width": int(cfg.image_size[1])}
         log(f"[train] input size {tuple(cfg.image_size)} (h, w); written into the saved image-processor config")
 
-    if not cfg.cache and (lcfg.prediction_weight > 0 or lcfg.feature_weight > 0):
+    if not source and (lcfg.prediction_weight > 0 or lcfg.feature_weight > 0):
         log("[train] no teacher cache given: distillation losses are off (plain training on ground truth)")
-    elif cfg.cache and not (use_pred or use_feat):
-        log(f"[train] cache {cfg.cache} is not read: loss.prediction_weight and loss.feature_weight are 0")
+    elif source and not (use_pred or use_feat):
+        log(f"[train] teacher {source} is not used: loss.prediction_weight and loss.feature_weight are 0")
     cache = None
+    online = None
     teacher_channels = None
-    if use_pred or use_feat:
+    teacher_stride = 32.0
+    if cfg.teacher and (use_pred or use_feat):
+        from rtcodetr.train_student.online_teacher import OnlineTeacher
+
+        online = OnlineTeacher(cfg.teacher, accelerator.device, features=(lcfg.teacher_feature,) if use_feat else (),
+                               predictions=use_pred, topk=lcfg.topk, student_normalize=normalize,
+                               mixed_precision=cfg.mixed_precision)
+        if use_pred and online.label_names != list(data.label_map.names):
+            raise ConfigError(
+                f"teacher {cfg.teacher}: its label map differs from the student's (dataset {data.root}); the "
+                "prediction loss would compare unrelated classes and is refused. Fine-tune the teacher on this "
+                "dataset first, or set loss.prediction_weight=0 (feature distillation is still allowed)")
+        if use_feat:
+            teacher_channels = online.channels(lcfg.teacher_feature)
+        log(f"[train] online teacher {cfg.teacher} ({online.teacher.family}) runs on every batch (reference arm)")
+    elif use_pred or use_feat:
         from rtcodetr.cache_teacher import TeacherCache
 
         tensors = (["logits", "boxes"] if use_pred else []) + ([lcfg.teacher_feature] if use_feat else [])
@@ -549,15 +584,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             shape = cache.manifest["tensors"][lcfg.teacher_feature]["shape"]
             teacher_channels = int(shape[-3])  # manifest shapes are per sample: [C, Hf, Wf]
         teacher_stride = float(cache.manifest.get("geometry", {}).get("stride", 32))
-    else:
-        teacher_stride = 32.0
 
     train_base = CocoDetection(data, cfg.train_split, build_transforms(True, image_size, cfg.aug, normalize),
                                draft_size=cfg.draft_size)
     val_base = CocoDetection(data, cfg.val_split, build_transforms(False, image_size, None, normalize),
                              draft_size=cfg.draft_size)
-    train_set = DistillDataset(train_base, cache, predictions=use_pred,
-                               features=(lcfg.teacher_feature,) if use_feat else (), topk=lcfg.topk, seed=cfg.seed)
+    train_set = DistillDataset(train_base, cache, predictions=use_pred and cache is not None,
+                               features=(lcfg.teacher_feature,) if use_feat and cache is not None else (),
+                               topk=lcfg.topk, seed=cfg.seed)
     sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, accelerator.process_index,
                                 accelerator.num_processes)
     if sampler.batches_per_process() < cfg.grad_accum_steps:
@@ -578,7 +612,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # ---- the trainable module, criterion, optimizer
     net = StudentWithAdapters(model, lcfg.feature_source if use_feat else None, teacher_channels, seed=cfg.seed)
     net.train()
-    criterion = DistillCriterion(lcfg, use_feat, use_pred, teacher_stride=teacher_stride)
+    criterion = DistillCriterion(lcfg, use_feat, use_pred, teacher_stride=teacher_stride, student_config=model.config)
     weight_dict = build_weight_dict(lcfg)
     active = [k for k, w in weight_dict.items() if w != 0 and (k == "detection" or (k == "feature" and use_feat)
                                                                or (k.startswith("pred_") and use_pred))]
@@ -706,6 +740,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             size_hw = pick_multiscale_size(cfg.aug, state.epoch, ms_rng)
             if size_hw is not None:
                 _apply_multiscale(batch, size_hw)
+            if online is not None:
+                online(batch)  # the teacher's targets for exactly this view
             sync = (state.batch_in_epoch + 1) % cfg.grad_accum_steps == 0
             ctx = accelerator.no_sync(net) if not sync else contextlib.nullcontext()
             with ctx:
