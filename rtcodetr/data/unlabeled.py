@@ -183,7 +183,10 @@ def add_images(cfg: AddImagesConfig) -> PreparedData:
     if leaks and not cfg.skip_duplicates:
         pairs = "; ".join(f"{images_dir / rel} = image id {im['id']} {im['file_name']!r} of split '{split}'"
                           for rel, (split, im) in leaks[:MAX_LISTED])
-        raise DatasetError(f"{len(leaks)} image(s) in {images_dir} have the same bytes as labelled images: {pairs} "
+        per_split = ", ".join(f"{s} {n}" for s in data.labelled_splits
+                              if (n := sum(split == s for _, (split, _) in leaks)))
+        raise DatasetError(f"{len(leaks)} image(s) in {images_dir} have the same bytes as labelled images "
+                           f"({per_split}): {pairs} "
                            "(so they could leak labelled val/test images into training; pass --skip-duplicates to "
                            "drop them; nothing was written)")
     skipped = [{"file": rel, "reason": reason} for rel, reason in bad]
