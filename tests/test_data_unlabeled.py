@@ -19,22 +19,11 @@ from rtcodetr.data.dataset import CocoDetection
 from rtcodetr.data.prepared import PreparedData, PreparedDataError, add_unlabelled_split
 from rtcodetr.data.synthetic import make_synthetic
 from rtcodetr.data.transforms import build_transforms
+from test_data_taco import _jpeg  # (path, w, h, orientation=None, seed=0) -> the written bytes
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _jpeg(path: Path, w: int, h: int, value: int, exif_tag: int | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.random.default_rng(value).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    kw = {}
-    if exif_tag is not None:
-        exif = Image.Exif()
-        exif[0x0112] = exif_tag
-        kw["exif"] = exif.tobytes()
-    Image.fromarray(arr).save(path, quality=90, **kw)
-    return path
 
 
 @pytest.fixture
@@ -55,10 +44,10 @@ def _add(data, images, *extra) -> int:
 
 def test_add_images_records_upright_sizes_new_ids_hashes_and_source(tmp_path, labelled, capsys):
     ext = tmp_path / "extra"  # outside the dataset's image_root
-    _jpeg(ext / "a.jpg", 40, 30, 1)
-    _jpeg(ext / "b_rot.jpg", 48, 20, 2, exif_tag=6)  # stored 48x20, shown (and annotated) 20x48
+    _jpeg(ext / "a.jpg", 40, 30, seed=1)
+    _jpeg(ext / "b_rot.jpg", 48, 20, orientation=6, seed=2)  # stored 48x20, shown (and annotated) 20x48
     Image.fromarray(np.full((24, 36, 3), 90, np.uint8)).save(ext / "c.png")
-    _jpeg(ext / "deeper" / "d.jpg", 32, 32, 3)  # only with --recursive
+    _jpeg(ext / "deeper" / "d.jpg", 32, 32, seed=3)  # only with --recursive
     (ext / "notes.txt").write_text("not an image")
     (ext / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # hidden: never read as an image
     before = {s: _sha(labelled.split_file(s)) for s in labelled.splits}
@@ -114,11 +103,11 @@ def test_add_images_records_upright_sizes_new_ids_hashes_and_source(tmp_path, la
 def test_ids_never_collide_with_any_split(tmp_path, labelled):
     ext = tmp_path / "extra"
     for k in range(3):
-        _jpeg(ext / f"{k}.jpg", 32, 32, 10 + k)
+        _jpeg(ext / f"{k}.jpg", 32, 32, seed=10 + k)
     assert _add(labelled, ext, "--name", "u1") == 0
     other = tmp_path / "other"
     for k in range(2):
-        _jpeg(other / f"{k}.jpg", 32, 32, 20 + k)
+        _jpeg(other / f"{k}.jpg", 32, 32, seed=20 + k)
     assert _add(labelled, other, "--name", "u2") == 0
     assert _add(labelled, ext, "--name", "u1", "--overwrite") == 0  # replaced: new ids above u2's too
     data = PreparedData.load(labelled.root)
@@ -134,9 +123,10 @@ def test_ids_never_collide_with_any_split(tmp_path, labelled):
 
 
 def test_files_escaping_the_folder_are_refused_and_nothing_is_written(tmp_path, labelled, capsys):
-    outside = _jpeg(tmp_path / "secret" / "s.jpg", 32, 32, 5)
+    outside = tmp_path / "secret" / "s.jpg"
+    _jpeg(outside, 32, 32, seed=5)
     ext = tmp_path / "extra"
-    _jpeg(ext / "ok.jpg", 32, 32, 6)
+    _jpeg(ext / "ok.jpg", 32, 32, seed=6)
     before = _snapshot(labelled.root)
 
     (ext / "link.jpg").symlink_to(outside)  # a file symlink pointing outside
@@ -177,8 +167,8 @@ def test_files_escaping_the_folder_are_refused_and_nothing_is_written(tmp_path, 
 
 def test_unreadable_images_are_refused_or_skipped_by_name(tmp_path, labelled, capsys):
     ext = tmp_path / "extra"
-    _jpeg(ext / "good.jpg", 64, 48, 1)
-    whole = _jpeg(ext / "cut.jpg", 64, 48, 2).read_bytes()
+    _jpeg(ext / "good.jpg", 64, 48, seed=1)
+    whole = _jpeg(ext / "cut.jpg", 64, 48, seed=2)
     (ext / "cut.jpg").write_bytes(whole[: len(whole) * 2 // 3])  # header fine, entropy-coded data truncated
     (ext / "empty.jpg").write_bytes(b"")
     (ext / "text.png").write_text("not a png")
@@ -208,7 +198,7 @@ def test_unreadable_images_are_refused_or_skipped_by_name(tmp_path, labelled, ca
 
 def test_duplicates_of_labelled_images_are_refused_naming_the_pair(tmp_path, labelled, capsys):
     ext = tmp_path / "extra"
-    _jpeg(ext / "new.jpg", 64, 64, 1)
+    _jpeg(ext / "new.jpg", 64, 64, seed=1)
     test_rec = labelled.coco("test")["images"][1]
     shutil.copy(labelled.image_path(test_rec["file_name"], "test"), ext / "looks_new.jpg")
     before = _snapshot(labelled.root)
@@ -240,12 +230,12 @@ def test_cli_error_is_exit_2_without_traceback(tmp_path, labelled):
 
 def test_rerun_refused_unless_overwrite_and_labelled_or_reserved_names_never(tmp_path, labelled, capsys):
     ext = tmp_path / "extra"
-    _jpeg(ext / "a.jpg", 32, 32, 1)
+    _jpeg(ext / "a.jpg", 32, 32, seed=1)
     assert _add(labelled, ext) == 0
     first = _snapshot(labelled.root)
     assert _add(labelled, ext) == 2
     assert "exists already" in capsys.readouterr().err and _snapshot(labelled.root) == first
-    _jpeg(ext / "b.jpg", 32, 32, 2)
+    _jpeg(ext / "b.jpg", 32, 32, seed=2)
     assert _add(labelled, ext, "--overwrite") == 0
     assert PreparedData.load(labelled.root).info["splits"]["unlabeled"]["num_images"] == 2
     for name, msg in (("test", "labelled split"), ("dataset", "not allowed"), ("label_map", "not allowed"),
