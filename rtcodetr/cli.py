@@ -11,7 +11,7 @@ from typing import Sequence
 
 # sub-command -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("rtcodetr.data.cli", "prepare datasets: taco, synthetic, yolo export, check"),
+    "data": ("rtcodetr.data.cli", "prepare datasets: taco, synthetic, add-images (unlabelled), yolo export, check"),
     "init-model": ("rtcodetr.models", "write a save_pretrained model directory from a preset"),
     "cache-teacher": ("rtcodetr.cache_teacher.cli", "run the teacher once and cache its outputs (also: info, verify, export)"),
     "train": ("rtcodetr.train_student.train", "train a student (or fine-tune the teacher); same as python -m rtcodetr.train_student"),

@@ -381,3 +381,72 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path, rt_cache, rt_teache
     assert set(ref) == set(got)
     for name in ref:
         assert np.array_equal(ref[name], got[name]), name
+
+
+def test_unlabelled_split_from_an_outside_folder_caches_resumes_verifies_and_exports(tmp_path, rt_teacher,
+                                                                                     synthetic_data, capsys):
+    """An ``add-images`` split (no annotations; images outside the dataset's image root, one with an EXIF rotation)
+    goes through the job like any split: resume, reader rows with the right image ids, verify (dataset taken from
+    the manifest), HDF5 export; re-adding changed pixels under the same names makes the reader refuse the cache."""
+    from PIL import Image
+
+    from rtcodetr.data.cli import main as data_main
+    from rtcodetr.data.prepared import PreparedData
+    from rtcodetr.data.synthetic import render_image
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(synthetic_data.root, data_dir)  # dataset.json keeps pointing at the fixture's images
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(6):
+        image, _ = render_image(np.random.default_rng([99, k]), 128)
+        if k == 4:  # stored 128x96 landscape with "rotate 90": a 96x128 portrait as shown
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            image.crop((0, 0, 128, 96)).save(photos / f"p{k}.jpg", quality=95, exif=exif.tobytes())
+        else:
+            image.save(photos / f"p{k}.jpg", quality=95)
+    assert data_main(["add-images", "--data", str(data_dir), "--images", str(photos)]) == 0
+    data = PreparedData.load(data_dir)
+    assert data.image_root_of("unlabeled") == photos.resolve() and not data.is_labelled("unlabeled")
+
+    out = tmp_path / "cache"
+    cfg = _cfg(data_dir, rt_teacher, out, "split=unlabeled", *RT_GEOMETRY)  # 6 images: shards of 4 and 2
+
+    def crash(k: int) -> None:
+        raise KeyboardInterrupt("simulated kill after the first shard")
+
+    with pytest.raises((RuntimeError, KeyboardInterrupt)):
+        run(cfg, on_shard_written=crash)
+    result = run(cfg)
+    assert result["shards_skipped"] == 1 and result["shards_written"] == [1] and result["finished"]
+
+    cache = TeacherCache(out, data=data, split="unlabeled", label_map=data.label_map)
+    m = cache.manifest["dataset"]
+    assert m["split"] == "unlabeled" and m["labelled"] is False and m["num_images"] == 6
+    ids = data.image_ids("unlabeled")
+    assert m["image_ids"] == ids and min(ids) > max(i for s in data.labelled_splits for i in data.image_ids(s))
+    assert [int(cache[i]["image_id"]) for i in range(len(cache))] == ids
+    rotated = next(i for i, im in enumerate(data.coco("unlabeled")["images"]) if im["orientation"] == "exif")
+    assert cache[rotated]["input_hw"].tolist() == [90, 120]  # fixed geometry; the upright 96x128 went in
+    _check_against_direct(rt_teacher, out, data, [0, rotated, 5], split="unlabeled")
+
+    assert cli_main(["info", str(out)]) == 0
+    assert "split 'unlabeled' (unlabelled), 6 images" in capsys.readouterr().out
+    assert cli_main(["verify", str(out), "--teacher", str(rt_teacher), "--samples", "6"]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+    h5 = tmp_path / "unlabeled.h5"
+    assert cli_main(["export", str(out), "--to", str(h5)]) == 0
+    exported = TeacherCache(h5, data=data, split="unlabeled")
+    for i in range(6):
+        a, b = cache[i], exported[i]
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+    # the split file carries every image's sha256: new pixels under the same file names change the fingerprint
+    image, _ = render_image(np.random.default_rng([99, 100]), 128)
+    image.save(photos / "p0.jpg", quality=95)
+    assert data_main(["add-images", "--data", str(data_dir), "--images", str(photos), "--overwrite"]) == 0
+    assert PreparedData.load(data_dir).image_ids("unlabeled") == ids  # same names, same ids
+    with pytest.raises(CacheMismatchError) as e:
+        TeacherCache(out, data=data_dir, split="unlabeled")
+    assert e.value.field == "dataset.annotations_sha256"

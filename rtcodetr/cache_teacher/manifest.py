@@ -7,8 +7,10 @@ attribute of an HDF5 export). Sections:
 - ``teacher``: ``id`` (as given), ``family``, ``config_sha256`` (model config without paths/versions),
   ``weights_sha256`` (all state-dict tensors in name order), ``num_queries``, ``label_map`` ([{label, name}] in label
   order, from the teacher's ``id2label``), ``label_map_sha256``
-- ``dataset``: ``name``, ``split``, ``annotations_sha256``, ``image_ids`` (manifest order = sample order),
-  ``num_images``, ``label_map_sha256`` (the prepared dataset's label map)
+- ``dataset``: ``name``, ``split``, ``labelled`` (false for an unlabelled split; absent in caches made before it
+  existed), ``annotations_sha256`` (sha256 of the split file; an unlabelled split's file lists every image's own
+  sha256, so it covers the pixels too), ``image_ids`` (manifest order = sample order), ``num_images``,
+  ``label_map_sha256`` (the prepared dataset's label map)
 - ``geometry``: how teacher inputs were made (``mode``, resize parameters, ``input_hw`` padded input size,
   ``feature_hw``, ``stride``, ``normalize`` {mean, std} or null, ``box_reference``, ``draft``)
 - ``precision``: ``mixed_precision`` the teacher ran under, ``device_type``

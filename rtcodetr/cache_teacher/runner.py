@@ -127,6 +127,7 @@ def build_manifest(cfg: CacheConfig, teacher: Teacher, data, geometry: dict, sha
         "dataset": {
             "name": data.info.get("name", ""),
             "split": cfg.split,
+            "labelled": data.is_labelled(cfg.split),  # informative: an unlabelled split's cache has no GT beside it
             "annotations_sha256": fingerprint["annotations_sha256"],
             "image_ids": [int(i) for i in fingerprint["image_ids"]],
             "num_images": num_samples,

@@ -62,7 +62,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"teacher       {t['id']} ({t['family']}, {t.get('num_parameters', '?')} params, {t['num_queries']} queries, "
         f"{len(t['label_map'])} labels)",
         f"              config sha256 {t['config_sha256'][:16]}  weights sha256 {t['weights_sha256'][:16]}",
-        f"dataset       {d.get('name')} split '{d['split']}', {d['num_images']} images, annotations sha256 "
+        f"dataset       {d.get('name')} split '{d['split']}'{'' if d.get('labelled', True) else ' (unlabelled)'}, "
+        f"{d['num_images']} images, annotations sha256 "
         f"{d['annotations_sha256'][:16]}",
         f"geometry      {g['mode']} "
         + (f"{g['size_hw']}" if g["mode"] == "fixed" else f"shortest {g['shortest_edge']} longest {g['longest_edge']}")

@@ -18,6 +18,8 @@ _EXPORTS = {
     "build_transforms": "rtcodetr.data.transforms",
     "resize_batch": "rtcodetr.data.transforms",
     "make_synthetic": "rtcodetr.data.synthetic",
+    "AddImagesConfig": "rtcodetr.data.unlabeled",
+    "add_images": "rtcodetr.data.unlabeled",
     "export_yolo": "rtcodetr.data.yolo",
     "DatasetError": "rtcodetr.data.coco",
 }

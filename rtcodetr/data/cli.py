@@ -1,9 +1,11 @@
-"""``rtcodetr data {taco,synthetic,yolo,check}``: prepare datasets, export them, check them.
+"""``rtcodetr data {taco,synthetic,add-images,yolo,check}``: prepare datasets, extend them, export them, check them.
 
     rtcodetr data taco --annotations FILE --images DIR --out DATA_DIR [--val-fraction 0.1] [--test-fraction 0.1]
                        [--seed 0] [--classes categories|supercategories] [--skip-missing]
                        [--val-ids FILE] [--test-ids FILE]
-    rtcodetr data synthetic --out DATA_DIR [--train 64 --val 16 --test 16 --size 320 --seed 0]
+    rtcodetr data synthetic --out DATA_DIR [--train 64 --val 16 --test 16 --size 320 --seed 0] [--unlabeled N]
+    rtcodetr data add-images --data DATA_DIR --images DIR [--name unlabeled] [--recursive | --files LIST]
+                             [--skip-bad] [--skip-duplicates] [--overwrite]
     rtcodetr data yolo --data DATA_DIR --out YOLO_DIR [--copy]
     rtcodetr data check --annotations FILE --images DIR
 """
@@ -20,7 +22,7 @@ MAX_MISSING_PRINTED = 20
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rtcodetr data", description="Prepare, export and check detection datasets.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{taco,synthetic,yolo,check}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{taco,synthetic,add-images,yolo,check}")
 
     t = sub.add_parser("taco", help="prepare a COCO file (TACO) and its images: fix, split, write DATA_DIR")
     t.add_argument("--annotations", required=True, type=Path, help="COCO json (e.g. TACO's annotations.json)")
@@ -53,15 +55,35 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=16)
     s.add_argument("--size", type=int, default=320, help="square image side in pixels")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--unlabeled", type=int, default=0, metavar="N",
+                   help="also write N images from the same generator as the unlabelled split 'unlabeled' "
+                        "(their boxes are not stored; the other splits stay byte-identical)")
+
+    a = sub.add_parser("add-images", help="add a folder of images without annotations as an unlabelled split")
+    a.add_argument("--data", required=True, type=Path, help="prepared dataset directory")
+    a.add_argument("--images", required=True, type=Path, help="folder of images (no file may lead outside it)")
+    a.add_argument("--name", default="unlabeled", help="split name (default: unlabeled)")
+    how = a.add_mutually_exclusive_group()
+    how.add_argument("--recursive", action="store_true", help="also list the images of sub-folders")
+    how.add_argument("--files", type=Path, default=None,
+                     help="text file of image paths relative to --images, one per line, instead of listing it")
+    a.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable / truncated images (named and counted) instead of failing")
+    a.add_argument("--skip-duplicates", action="store_true",
+                   help="drop images whose bytes equal a labelled image's instead of failing")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing unlabelled split of this name")
     return p
 
 
 def _summary(data) -> str:
-    return ", ".join(f"{s} {v['num_images']} images / {v['num_annotations']} boxes" for s, v in data.info["splits"].items())
+    return ", ".join(f"{s} {v['num_images']} images / "
+                     + (f"{v['num_annotations']} boxes" if v.get("labelled", True) else "unlabelled")
+                     for s, v in data.info["splits"].items())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (errors in the input data print one clear message and return 1)."""
+    """Entry point; returns the exit status (errors in the input data print one clear message and return 1, or 2
+    for ``add-images``)."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     from rtcodetr.data.coco import DatasetError
     from rtcodetr.data.dataset import ImageDecodeError
@@ -71,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except (DatasetError, PreparedDataError, ImageDecodeError) as e:
         print(f"rtcodetr data {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if args.command == "add-images" else 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -114,7 +136,26 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "synthetic":
         from rtcodetr.data.synthetic import make_synthetic
 
-        data = make_synthetic(args.out, args.train, args.val, args.test, args.size, args.seed)
+        data = make_synthetic(args.out, args.train, args.val, args.test, args.size, args.seed,
+                              unlabeled=args.unlabeled)
         print(f"wrote synthetic dataset {data.root}: {data.label_map.num_labels} labels; {_summary(data)}")
+        return 0
+    if args.command == "add-images":
+        from rtcodetr.data.unlabeled import AddImagesConfig, add_images
+
+        data = add_images(AddImagesConfig(data=args.data, images=args.images, name=args.name,
+                                          recursive=args.recursive, files=args.files, skip_bad=args.skip_bad,
+                                          skip_duplicates=args.skip_duplicates, overwrite=args.overwrite))
+        entry = data.info["splits"][args.name]
+        src = entry["source"]
+        ids = data.image_ids(args.name)
+        print(f"added unlabelled split '{args.name}' to {data.root}: {src['count']} images (ids {ids[0]}..{ids[-1]}, "
+              f"{src['exif_orientation_applied']} EXIF-rotated), read from {data.image_root_of(args.name)}; "
+              f"skipped {src['skipped']} {json.dumps(src['skipped_by_reason'])}")
+        for s in src["skipped_files"][:MAX_MISSING_PRINTED]:
+            print(f"skipped: {s['file']}: {s['reason']}")
+        if src["skipped"] > MAX_MISSING_PRINTED:
+            print(f"skipped: ... and {src['skipped'] - MAX_MISSING_PRINTED} more (dataset.json lists the first "
+                  f"{len(src['skipped_files'])})")
         return 0
     raise AssertionError(args.command)

@@ -190,8 +190,9 @@ def resolve_image(images_dir: Path, file_name: str) -> tuple[Path | None, str, b
     return None, rel.as_posix(), False
 
 
-def check_image(path: Path, file_name: str, width: int, height: int, verify: bool = True) -> ImageCheck:
-    """Open (and with ``verify`` fully decode, at 1/8 DCT scale) one image; decide its orientation."""
+def probe_image(path: Path, file_name: str, verify: bool = True) -> ImageCheck:
+    """Open (and with ``verify`` fully decode, at 1/8 DCT scale) one image: its stored size and EXIF orientation tag,
+    or ``problem`` when it cannot be read. Decides nothing about orientation (see ``check_image``)."""
     res = ImageCheck(path=path, file_name=file_name)
     try:
         with Image.open(path) as im:
@@ -204,12 +205,24 @@ def check_image(path: Path, file_name: str, width: int, height: int, verify: boo
             decode_image(path, "raw", draft_size=1)  # draft 1/8: every entropy-coded byte is still read
     except ImageDecodeError as e:
         res.problem = f"corrupt or truncated image: {e}"
-        return res
     except Exception as e:  # PIL raises many types for unreadable files
         res.problem = f"corrupt or unreadable image {path}: {e}"
+    return res
+
+
+def upright_size(chk: ImageCheck) -> tuple[int, int]:
+    """``(w, h)`` of a probed image as viewers show it (its EXIF orientation applied)."""
+    w, h = chk.raw_size
+    return (h, w) if chk.exif_tag in SWAPS_SIDES else (w, h)
+
+
+def check_image(path: Path, file_name: str, width: int, height: int, verify: bool = True) -> ImageCheck:
+    """Probe one image (``probe_image``) and decide its orientation from the annotated ``width`` x ``height``."""
+    res = probe_image(path, file_name, verify)
+    if res.problem is not None:
         return res
     w, h = res.raw_size
-    upright = (h, w) if res.exif_tag in SWAPS_SIDES else (w, h)
+    upright = upright_size(res)
     raw_ok, exif_ok = (w, h) == (width, height), upright == (width, height)
     if res.exif_tag == 1 and raw_ok:
         res.orientation = "raw"  # no rotating tag: both frames are the same

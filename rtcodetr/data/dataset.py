@@ -70,6 +70,10 @@ class CocoDetection(torch.utils.data.Dataset):
     (0..K-1), ``area`` float32 ``[N]``, ``iscrowd`` int64 ``[N]``, ``orig_size`` int64 ``[2]`` (h, w of the annotated
     image), ``size`` int64 ``[2]`` (h, w of the current image), ``affine`` float64 ``[3, 3]`` (annotated-image pixels
     -> current-image pixels).
+
+    An unlabelled split (``data add-images``) yields the same keys with ``boxes`` ``[0, 4]``, ``labels``/``area``/
+    ``iscrowd`` ``[0]``; ``labelled`` says which kind the split is, so a trainer can keep its images out of the
+    detection loss.
     """
 
     def __init__(
@@ -83,7 +87,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.split = split
         self.transforms = transforms
         self.draft_size = draft_size
-        self.image_root = str(self.data.image_root)
+        self.labelled = self.data.is_labelled(split)
+        self.image_root = str(self.data.image_root_of(split))
         src = self.data.split_file(split)
         # parsed here and dropped after indexing (not through PreparedData.coco's cache): the dicts must not outlive
         # __init__, or forked workers would copy them page by page as the garbage collector walks them

@@ -6,15 +6,24 @@ file, so the defects of a source file are fixed once, in one place, and the labe
 Layout (``format_version`` 1)::
 
     dataset.json    {"format_version", "name", "image_root" (absolute), "num_labels",
-                     "splits": {split: {"file", "num_images", "num_annotations", "sha256"}},
+                     "splits": {split: {"file", "num_images", "num_annotations", "sha256"
+                                        [, "labelled": false, "image_root", "source"]}},
                      "sources": {...hashes of what it was made from...}, "settings": {...how...}}
     label_map.json  {"labels": [{"label", "category_id", "name", "supercategory", "original_ids"}, ...]}
     train.json / val.json / test.json   COCO; images carry "orientation": "raw" | "exif";
                                         annotation ids unique from 1; category_id = label + 1; bbox xywh in-image
+    <name>.json     an unlabelled split (``rtcodetr data add-images``, ``data synthetic --unlabeled``): COCO with
+                    ``images`` (each also with its file's ``sha256``) and empty ``annotations``
     report.json     every fix applied, with counts
 
-``write_prepared`` is the one writer: the TACO path and the synthetic generator both go through it, so their output
-formats cannot drift apart.
+Unlabelled splits are marked ``"labelled": false`` in their ``dataset.json`` entry (a split without the key is
+labelled, so directories written before unlabelled splits existed load unchanged). Their image ids never collide with
+any other split's. When their images live outside the dataset's ``image_root`` the entry carries its own absolute
+``"image_root"``; :meth:`PreparedData.image_root_of` is the one place that resolves it.
+
+``write_prepared`` is the one writer of labelled splits: the TACO path and the synthetic generator both go through it,
+so their output formats cannot drift apart; ``add_unlabelled_split`` adds an unlabelled split to a written directory
+through the same record checks.
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,6 +41,9 @@ import numpy as np
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 ORIENTATIONS = ("raw", "exif")
+# a split name is also a file stem in the prepared directory: it must not name one of the directory's own files
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+RESERVED_SPLIT_NAMES = ("dataset", "label_map", "report")
 
 
 class PreparedDataError(ValueError):
@@ -181,11 +194,38 @@ class PreparedData:
         image_root = Path(info["image_root"])
         if not image_root.is_absolute():
             image_root = root / image_root
+        for split, entry in info["splits"].items():
+            if not entry.get("labelled", True) and entry.get("num_annotations", 0) != 0:
+                raise PreparedDataError(f"{ds_file}: split '{split}' is marked 'labelled': false but field "
+                                        f"'num_annotations' is {entry['num_annotations']}")
         return cls(root, image_root, label_map, info)
 
     @property
     def splits(self) -> list[str]:
         return list(self.info["splits"])
+
+    def is_labelled(self, split: str) -> bool:
+        """Whether ``split`` has ground truth (``False`` for splits added by ``data add-images`` / ``--unlabeled``)."""
+        self.split_file(split)  # unknown split -> PreparedDataError naming the ones there are
+        return bool(self.info["splits"][split].get("labelled", True))
+
+    @property
+    def labelled_splits(self) -> list[str]:
+        return [s for s in self.splits if self.is_labelled(s)]
+
+    @property
+    def unlabelled_splits(self) -> list[str]:
+        return [s for s in self.splits if not self.is_labelled(s)]
+
+    def image_root_of(self, split: str) -> Path:
+        """The directory ``split``'s ``file_name``s are relative to: its own ``image_root`` when ``dataset.json``
+        records one (an unlabelled split whose images live elsewhere), else the dataset's ``image_root``."""
+        self.split_file(split)
+        own = self.info["splits"][split].get("image_root")
+        if own is None:
+            return self.image_root
+        own = Path(own)
+        return own if own.is_absolute() else self.root / own
 
     def split_file(self, split: str) -> Path:
         if split not in self.info["splits"]:
@@ -210,8 +250,10 @@ class PreparedData:
         """What a cache built on this split must match: the split file's hash and its ordered image ids."""
         return {"annotations_sha256": sha256_file(self.split_file(split)), "image_ids": self.image_ids(split)}
 
-    def image_path(self, file_name: str) -> Path:
-        return self.image_root / safe_relative_path(file_name, "file_name")
+    def image_path(self, file_name: str, split: str | None = None) -> Path:
+        """Path of an image file of ``split`` (``None``: a split that uses the dataset's ``image_root``)."""
+        root = self.image_root if split is None else self.image_root_of(split)
+        return root / safe_relative_path(file_name, "file_name")
 
     def __repr__(self) -> str:
         counts = {s: v["num_images"] for s, v in self.info["splits"].items()}
@@ -283,23 +325,9 @@ def write_prepared(
         images, annotations = [], []
         seen_ids: set[int] = set()
         for im in recs.images:
-            iid = int(im["id"])
+            rec = _image_record(split, im, seen_ids)
+            iid, w, h = rec["id"], rec["width"], rec["height"]
             where = f"split '{split}', image id {iid}"
-            if iid in seen_ids:
-                raise PreparedDataError(f"{where}: field 'id' is repeated")
-            seen_ids.add(iid)
-            try:
-                safe_relative_path(im["file_name"])
-            except ValueError as e:
-                raise PreparedDataError(f"{where}: field 'file_name': {e}") from None
-            if im.get("orientation") not in ORIENTATIONS:
-                raise PreparedDataError(f"{where}: field 'orientation' must be one of {ORIENTATIONS}")
-            w, h = int(im["width"]), int(im["height"])
-            if w <= 0 or h <= 0:
-                raise PreparedDataError(f"{where}: fields 'width'/'height' must be positive, got {w}x{h}")
-            rec = {"id": iid, "file_name": str(im["file_name"]), "width": w, "height": h,
-                   "orientation": im["orientation"]}
-            rec.update({k: v for k, v in im.items() if k not in rec})
             images.append(rec)
             for a in ann_by_image.pop(iid, []):
                 x1, y1, x2, y2 = (float(v) for v in a["box_xyxy"])
@@ -323,20 +351,7 @@ def write_prepared(
             raise PreparedDataError(
                 f"split '{split}': annotations refer to image ids not in the split: {sorted(ann_by_image)[:5]}"
             )
-        coco = {
-            "info": {"description": f"{name} {split} (rtcodetr prepared, format {FORMAT_VERSION})"},
-            "images": images,
-            "annotations": annotations,
-            "categories": categories,
-        }
-        path = out / f"{split}.json"
-        _write_json(path, coco, indent=None)
-        split_info[split] = {
-            "file": path.name,
-            "num_images": len(images),
-            "num_annotations": len(annotations),
-            "sha256": sha256_file(path),
-        }
+        split_info[split] = _write_split(out, name, split, images, annotations, categories)
     _write_json(out / "label_map.json", label_map.to_json())
     _write_json(out / "report.json", report)
     _write_json(
@@ -352,6 +367,120 @@ def write_prepared(
         },
     )
     return PreparedData.load(out)
+
+
+def _image_record(split: str, im: Mapping[str, Any], seen_ids: set[int]) -> dict:
+    """One image record of a split file, checked against the contract (the error names the split, image and field);
+    extra fields (``source_id``, ``exif_orientation_tag``, ``sha256``) are kept after the required ones."""
+    iid = int(im["id"])
+    where = f"split '{split}', image id {iid}"
+    if iid in seen_ids:
+        raise PreparedDataError(f"{where}: field 'id' is repeated")
+    seen_ids.add(iid)
+    try:
+        safe_relative_path(im["file_name"])
+    except ValueError as e:
+        raise PreparedDataError(f"{where}: field 'file_name': {e}") from None
+    if im.get("orientation") not in ORIENTATIONS:
+        raise PreparedDataError(f"{where}: field 'orientation' must be one of {ORIENTATIONS}")
+    w, h = int(im["width"]), int(im["height"])
+    if w <= 0 or h <= 0:
+        raise PreparedDataError(f"{where}: fields 'width'/'height' must be positive, got {w}x{h}")
+    rec = {"id": iid, "file_name": str(im["file_name"]), "width": w, "height": h, "orientation": im["orientation"]}
+    rec.update({k: v for k, v in im.items() if k not in rec})
+    return rec
+
+
+def _write_split(out: Path, name: str, split: str, images: list[dict], annotations: list[dict],
+                 categories: list[dict]) -> dict:
+    """Write ``<split>.json`` (COCO) and return its ``dataset.json`` entry."""
+    coco = {
+        "info": {"description": f"{name} {split} (rtcodetr prepared, format {FORMAT_VERSION})"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
+    path = out / f"{split}.json"
+    _write_json(path, coco, indent=None)
+    return {"file": path.name, "num_images": len(images), "num_annotations": len(annotations),
+            "sha256": sha256_file(path)}
+
+
+def check_new_split(data: PreparedData, split: str, overwrite: bool = False) -> None:
+    """Raise PreparedDataError unless an unlabelled split named ``split`` may be written into ``data``.
+
+    The name must be a plain file stem that is not one of the directory's own files; a labelled split is never
+    replaced; an existing unlabelled split (or a stray ``<split>.json``, e.g. left by re-preparing the directory)
+    is replaced only with ``overwrite``.
+    """
+    if not SPLIT_NAME.fullmatch(split) or split in RESERVED_SPLIT_NAMES:
+        raise PreparedDataError(
+            f"split name {split!r} is not allowed: use letters, digits, '_' or '-' (at most 64), not one of "
+            f"{', '.join(RESERVED_SPLIT_NAMES)}")
+    if split in data.info["splits"]:
+        if data.is_labelled(split):
+            raise PreparedDataError(f"{data.root}: split '{split}' is a labelled split; choose another --name")
+        if not overwrite:
+            raise PreparedDataError(f"{data.root}: split '{split}' exists already "
+                                    f"({data.info['splits'][split]['num_images']} images); pass --overwrite to "
+                                    "replace it (a teacher cache made from it will then be refused)")
+    elif (data.root / f"{split}.json").exists() and not overwrite:
+        raise PreparedDataError(f"{data.root / f'{split}.json'} exists but is not a split of dataset.json; pass "
+                                "--overwrite to replace it")
+
+
+def add_unlabelled_split(
+    data: PreparedData | str | Path,
+    split: str,
+    images: Sequence[Mapping[str, Any]],
+    *,
+    source: dict,
+    image_root: str | Path | None = None,
+    overwrite: bool = False,
+) -> PreparedData:
+    """Write ``<split>.json`` (COCO, empty ``annotations``) and record it in ``dataset.json``; return the reloaded dir.
+
+    Args:
+        images: records like ``SplitRecords.images`` (``id``, ``file_name``, ``width``, ``height`` upright,
+            ``orientation``; extra fields such as ``sha256`` are kept). Ids must not be used by any other split.
+        source: where the images came from, stored as the entry's ``"source"``.
+        image_root: the directory ``file_name``s are relative to when it is not the dataset's ``image_root``
+            (stored absolute as the entry's ``"image_root"``).
+    The split file is written before ``dataset.json`` (each atomically), so a killed run leaves the old
+    ``dataset.json`` in force.
+    """
+    data = PreparedData.load(data)
+    check_new_split(data, split, overwrite)
+    if not images:
+        raise PreparedDataError(f"split '{split}': no images to write")
+    taken: dict[int, str] = {}
+    for other in data.splits:
+        if other != split:
+            taken.update({i: other for i in data.image_ids(other)})
+    seen: set[int] = set()
+    recs = []
+    for im in images:
+        rec = _image_record(split, im, seen)
+        if rec["id"] in taken:
+            raise PreparedDataError(f"split '{split}', image id {rec['id']}: field 'id' is already used by split "
+                                    f"'{taken[rec['id']]}'")
+        recs.append(rec)
+    entry = _write_split(data.root, data.info.get("name", ""), split, recs, [], data.label_map.coco_categories())
+    entry["labelled"] = False
+    if image_root is not None:
+        entry["image_root"] = str(Path(image_root).resolve())
+    entry["source"] = source
+    info = dict(data.info)
+    info["splits"] = {**{k: v for k, v in data.info["splits"].items() if k != split}, split: entry}
+    _write_json(data.root / "dataset.json", info)
+    return PreparedData.load(data.root)
+
+
+def next_image_id(data: PreparedData, exclude: Sequence[str] = ()) -> int:
+    """One more than the largest image id of every split except ``exclude`` (1 for none): ids from here on cannot
+    collide with any split's."""
+    ids = [i for s in data.splits if s not in exclude for i in data.image_ids(s)]
+    return max(ids, default=0) + 1
 
 
 def _write_json(path: Path, obj: Any, indent: int | None = 2) -> None:

@@ -20,6 +20,10 @@ value, while staying as learnable as the measured recipe.
 Determinism: image ``i`` of split ``s`` is drawn from ``numpy.random.default_rng([seed, split_index, i])``, so
 the same seed gives byte-identical files, and adding training images does not change the validation set.
 Output goes through :func:`rtcodetr.data.prepared.write_prepared`, exactly like the TACO path.
+
+``unlabeled=N`` draws N more images from the same generator on their own stream (split index 3) after the others
+and writes them as the unlabelled split ``unlabeled`` (``prepared.add_unlabelled_split``, the writer behind
+``data add-images``), dropping their boxes: the labelled split files and images do not change with N.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from rtcodetr.data.prepared import LabelMap, PreparedData, SplitRecords, write_prepared
+from rtcodetr.data.prepared import LabelMap, PreparedData, SplitRecords, add_unlabelled_split, sha256_file, write_prepared
 
 CLASSES: tuple[tuple[str, str, tuple[int, int, int]], ...] = (
     # (name, supercategory, base RGB)
@@ -38,7 +42,8 @@ CLASSES: tuple[tuple[str, str, tuple[int, int, int]], ...] = (
     ("can_ring", "metal", (225, 200, 45)),
 )
 GROUND_COLOURS = ((112, 92, 70), (96, 96, 92), (86, 110, 64), (170, 150, 112), (70, 62, 56))
-SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
+SPLIT_INDEX = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}
+UNLABELED_SPLIT = "unlabeled"
 MIN_OBJ_AT_256, MAX_OBJ_AT_256 = 24, 120
 JPEG_QUALITY = 95
 GENERATOR_VERSION = 1
@@ -134,7 +139,8 @@ def render_image(rng: np.random.Generator, size: int) -> tuple[Image.Image, list
 
 
 def make_synthetic(
-    out: str | Path, train: int = 64, val: int = 16, test: int = 16, size: int = 320, seed: int = 0
+    out: str | Path, train: int = 64, val: int = 16, test: int = 16, size: int = 320, seed: int = 0,
+    unlabeled: int = 0,
 ) -> PreparedData:
     """Write a synthetic prepared dataset directory at ``out`` (images under ``out/images``) and return it.
 
@@ -143,10 +149,12 @@ def make_synthetic(
         train, val, test: number of images per split (a split with 0 images is written empty).
         size: square image side in pixels (objects are 24-120 px at 256, scaled proportionally).
         seed: the only source of randomness.
+        unlabeled: number of extra images written as the unlabelled split ``unlabeled`` (ids after the test
+            split's; none and no split entry when 0).
     """
     if size < 32:
         raise ValueError(f"synthetic size must be at least 32 px, got {size}")
-    for name, n in (("train", train), ("val", val), ("test", test)):
+    for name, n in (("train", train), ("val", val), ("test", test), ("unlabeled", unlabeled)):
         if n < 0:
             raise ValueError(f"synthetic {name} count must be >= 0, got {n}")
     out = Path(out)
@@ -172,19 +180,27 @@ def make_synthetic(
         splits[split] = recs
     lm = label_map()
     settings = {"train": train, "val": val, "test": test, "size": size, "seed": seed}
+    if unlabeled:
+        settings["unlabeled"] = unlabeled  # only when used: dataset.json stays as before for unlabeled=0
     report = {
         "source": "synthetic",
         "fixes": {},
         "objects_per_label": {lm.names[i]: int(per_label[i]) for i in range(lm.num_labels)},
         "notes": ["generated data: nothing to fix"],
     }
-    return write_prepared(
-        out,
-        name="synthetic",
-        image_root=image_root,
-        label_map=lm,
-        splits=splits,
-        report=report,
-        sources={"generator": "rtcodetr.data.synthetic", "generator_version": GENERATOR_VERSION},
-        settings=settings,
-    )
+    sources = {"generator": "rtcodetr.data.synthetic", "generator_version": GENERATOR_VERSION}
+    data = write_prepared(out, name="synthetic", image_root=image_root, label_map=lm, splits=splits, report=report,
+                          sources=sources, settings=settings)
+    if not unlabeled:
+        return data
+    (image_root / UNLABELED_SPLIT).mkdir(parents=True, exist_ok=True)
+    images = []
+    for i in range(unlabeled):
+        rng = np.random.default_rng([seed, SPLIT_INDEX[UNLABELED_SPLIT], i])
+        pil, _objects = render_image(rng, size)  # drawn exactly like a labelled image; the boxes are dropped
+        file_name = f"{UNLABELED_SPLIT}/{i:06d}.jpg"
+        pil.save(image_root / file_name, quality=JPEG_QUALITY, subsampling=0)
+        images.append({"id": next_id + i, "file_name": file_name, "width": size, "height": size,
+                       "orientation": "raw", "sha256": sha256_file(image_root / file_name)})
+    source = dict(sources, count=unlabeled, skipped=0, seed=seed, split_index=SPLIT_INDEX[UNLABELED_SPLIT])
+    return add_unlabelled_split(data, UNLABELED_SPLIT, images, source=source, overwrite=True)

@@ -46,7 +46,10 @@ def _place(src: Path, dst: Path, link: bool) -> None:
 
 
 def export_yolo(data: PreparedData | str | Path, out: str | Path, link: bool = True) -> Path:
-    """Write an ultralytics dataset for every split of ``data`` under ``out``; return the ``data.yaml`` path.
+    """Write an ultralytics dataset for every labelled split of ``data`` under ``out``; return the ``data.yaml`` path.
+
+    Unlabelled splits are left out (listed in ``yolo_export.json``): ultralytics would train on them as background
+    images, teaching the detector that their objects are not there.
 
     Labels: ``label cx cy w h`` with coordinates normalized by the image's (upright) width/height, 6 decimals;
     crowd boxes are skipped (YOLO has no ignore regions). Images without boxes get an empty label file
@@ -56,7 +59,7 @@ def export_yolo(data: PreparedData | str | Path, out: str | Path, link: bool = T
     out = Path(out).resolve()
     counts: dict[str, dict[str, int]] = {}
     reencoded = 0
-    for split in data.splits:
+    for split in data.labelled_splits:  # unlabelled splits would become "background" images with no boxes
         coco = data.coco(split)
         img_dir, lab_dir = out / "images" / split, out / "labels" / split
         img_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +77,7 @@ def export_yolo(data: PreparedData | str | Path, out: str | Path, link: bool = T
                     f"{flat!r} like {seen[flat]!r}"
                 )
             seen[flat] = im["file_name"]
-            src = data.image_path(im["file_name"])
+            src = data.image_path(im["file_name"], split)
             if not src.is_file():
                 raise FileNotFoundError(f"{src} (image id {im['id']} of {data.split_file(split)}) does not exist")
             dst = img_dir / flat
@@ -98,7 +101,7 @@ def export_yolo(data: PreparedData | str | Path, out: str | Path, link: bool = T
         counts[split] = {"images": len(coco["images"]), "boxes": n_boxes}
     cfg = {
         "path": str(out),
-        **{s: f"images/{s}" for s in data.splits},
+        **{s: f"images/{s}" for s in data.labelled_splits},
         "nc": data.label_map.num_labels,
         "names": {i: n for i, n in enumerate(data.label_map.names)},
     }
@@ -107,5 +110,6 @@ def export_yolo(data: PreparedData | str | Path, out: str | Path, link: bool = T
         yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
     with open(out / "yolo_export.json", "w") as f:
         json.dump({"source": str(data.root), "label_map_sha256": data.label_map.fingerprint(), "link": link,
-                   "splits": counts, "reencoded_without_exif": reencoded}, f, indent=2)
+                   "splits": counts, "unlabelled_splits_left_out": data.unlabelled_splits,
+                   "reencoded_without_exif": reencoded}, f, indent=2)
     return yaml_path

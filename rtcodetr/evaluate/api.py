@@ -217,6 +217,9 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     state = _distributed_state(cfg.device)
     device = _device_for(cfg.device, state)
     data = PreparedData.load(cfg.data)
+    if not data.is_labelled(cfg.split):
+        raise ValueError(f"evaluate: split '{cfg.split}' of {data.root} is unlabelled (no ground truth to score "
+                         f"against); labelled splits: {', '.join(data.labelled_splits)}")
     dataset = CocoDetection(data, cfg.split, draft_size=cfg.draft_size)
     n = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     # strided shards: every process gets whole images, none is padded; synchronize() still de-duplicates
