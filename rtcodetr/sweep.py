@@ -28,6 +28,10 @@ from rtcodetr.config import ConfigError, config_to_dict, load_config, save_confi
 class SweepConfig:
     data: str = ""  # prepared dataset directory (rtcodetr data ...)
     model: str = ""  # student initialisation: a save_pretrained directory (rtcodetr init-model ...)
+    # Or one initialisation per seed (init_preset set): `rtcodetr init-model --preset P [--from F] --seed SEED` into
+    # out/init/seedN, so a seed varies the student's initial weights as well as data order and noise.
+    init_preset: str = ""
+    init_from: str = ""  # with init_preset: start from these weights (only the label head is drawn from the seed)
     cache: str = ""  # teacher cache (zarr path / URL or .h5) shared by every distilled arm
     out: str = "runs/sweep"
     train_config: str = "configs/baseline.yaml"  # the trainer YAML every arm starts from (same schedule)
@@ -62,10 +66,28 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / "results.json").is_file()
 
 
+def init_dir_for(cfg: SweepConfig, seed: int) -> Path:
+    return Path(cfg.out) / "init" / f"seed{seed}"
+
+
+def student_init(cfg: SweepConfig, seed: int) -> str:
+    """The student model directory of ``seed``: ``cfg.model``, or (with ``init_preset``) its own seeded init, written
+    once and shared by every arm of that seed (so arms of one seed start from the same weights)."""
+    if not cfg.init_preset:
+        return cfg.model
+    out = init_dir_for(cfg, seed)
+    if not (out / "config.json").is_file():
+        from rtcodetr.models import init_model
+
+        init_model(cfg.init_preset, cfg.data, out, from_=cfg.init_from or None, seed=seed, verbose=False)
+    return str(out)
+
+
 def train_command(cfg: SweepConfig, arm: str, seed: int) -> list[str]:
     """The exact command line of one arm x seed run (logged in sweep.json, so any run can be redone by hand)."""
     run_dir = run_dir_for(cfg, arm, seed)
-    overrides = [f"data={cfg.data}", f"model={cfg.model}", f"out={run_dir}", f"seed={seed}"]
+    model = str(init_dir_for(cfg, seed)) if cfg.init_preset else cfg.model
+    overrides = [f"data={cfg.data}", f"model={model}", f"out={run_dir}", f"seed={seed}"]
     arm_overrides = flatten_overrides(cfg.arms[arm] or {})
     if cfg.cache and not any(w.startswith("cache=") for w in arm_overrides):
         overrides.append(f"cache={cfg.cache}")  # an arm may say cache: null (the baseline never opens the cache)
@@ -146,9 +168,14 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
         raise ConfigError("sweep config has no arms")
     if cfg.baseline_arm not in cfg.arms:
         raise ConfigError(f"baseline_arm '{cfg.baseline_arm}' is not one of the arms {sorted(cfg.arms)}")
-    for key in ("data", "model", "train_config"):
+    for key in ("data", "train_config"):
         if not getattr(cfg, key):
             raise ConfigError(f"sweep config needs '{key}'")
+    if bool(cfg.model) == bool(cfg.init_preset):
+        raise ConfigError("sweep config needs exactly one of 'model' (one student init for every seed) and "
+                          "'init_preset' (one init per seed)")
+    if cfg.checkpoint not in ("best", "final"):
+        raise ConfigError(f"sweep checkpoint must be 'best' or 'final', got '{cfg.checkpoint}'")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "sweep_config.yaml")
@@ -158,7 +185,8 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
         for seed in cfg.seeds:
             run_dir = run_dir_for(cfg, arm, seed)
             cmd = train_command(cfg, arm, seed)
-            entry = {"command": cmd, "run_dir": str(run_dir)}
+            entry = {"command": cmd, "run_dir": str(run_dir), "init": student_init(cfg, seed),
+                     "init_seed": seed if cfg.init_preset else None}
             commands.setdefault(arm, {})[seed] = entry
             if is_finished(run_dir):
                 print(f"[sweep] {arm} seed {seed}: finished earlier, not rerun ({run_dir})", flush=True)

@@ -1,5 +1,6 @@
 """Unit checks of the sweep's bookkeeping (the end-to-end sweep test lives in test_sweep.py)."""
 import pytest
+import torch
 
 from rtcodetr.sweep import SweepConfig, flatten_overrides, format_table, mean_std, summarize_arms, train_command
 
@@ -31,3 +32,29 @@ def test_train_command_is_explicit():
     assert cmd[cmd.index("--config") + 1] == "t.yaml"
     assert "seed=3" in cmd and "loss.feature_weight=0" in cmd and "resume=auto" in cmd
     assert any(w.endswith("runs/baseline/seed3") for w in cmd if w.startswith("out="))
+
+
+def test_init_per_seed_varies_the_student_weights_and_is_shared_by_arms(tmp_path, synthetic_data):
+    from safetensors.torch import load_file
+
+    from rtcodetr.sweep import student_init
+
+    cfg = SweepConfig(data=str(synthetic_data.root), init_preset="rtdetr-tiny", out=str(tmp_path / "sweep"),
+                      arms={"baseline": {}, "feature": {"loss": {"feature_weight": 1}}})
+    a0, a1 = student_init(cfg, 0), student_init(cfg, 1)
+    assert a0 != a1 and student_init(cfg, 0) == a0  # written once, then reused by every arm of seed 0
+    w0, w1 = load_file(f"{a0}/model.safetensors"), load_file(f"{a1}/model.safetensors")
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    for arm in cfg.arms:  # every arm of a seed trains from that seed's init
+        assert f"model={a1}" in train_command(cfg, arm, 1)
+
+
+def test_sweep_refuses_ambiguous_init_and_unknown_checkpoint(tmp_path):
+    from rtcodetr.config import ConfigError
+    from rtcodetr.sweep import run
+
+    base = dict(data="d", out=str(tmp_path), train_config="t.yaml", arms={"baseline": {}})
+    with pytest.raises(ConfigError, match="exactly one of 'model'"):
+        run(SweepConfig(model="m", init_preset="rtdetr-tiny", **base))
+    with pytest.raises(ConfigError, match="'best' or 'final'"):
+        run(SweepConfig(model="m", checkpoint="last", **base))
