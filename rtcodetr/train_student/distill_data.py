@@ -116,6 +116,8 @@ class DistillDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         image, target = self._augment(i)
+        if not getattr(self.base, "labelled", True):
+            target = {**target, "labelled": False}  # images without annotations: no detection loss
         if self.cache is None or not (self.predictions or self.features):
             return image, target
         row = self.cache[int(self._rows[i])]
@@ -182,6 +184,7 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
     for t in targets:
         if "teacher_boxes" in t:
             t["teacher_boxes_cxcywh"] = xyxy_to_cxcywh_normalized(t["teacher_boxes"].float(), _hw(t["size"])).float()
+    _fill_missing_teacher_targets(targets)
     out: dict[str, Any] = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels, "targets": targets}
     for name in FEATURE_TENSORS:
         key = f"teacher_{name}"
@@ -193,4 +196,24 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
         if key in targets[0]:
             out[key] = torch.stack([torch.as_tensor(np.asarray(t[key]), dtype=torch.int64) for t in targets])
     out["image_ids"] = [int(t["image_id"]) for t in targets]
+    out["labelled"] = [bool(t.get("labelled", True)) for t in targets]
     return out
+
+
+def _fill_missing_teacher_targets(targets: list[dict[str, Any]]) -> None:
+    """Give every sample the teacher keys that some sample of the batch has (labelled images without a cache beside
+    unlabelled ones with theirs): an empty prediction set, and a zero map with no valid cell (masked out)."""
+    for key in [k for k in ("teacher_probs", *(f"teacher_{n}" for n in FEATURE_TENSORS))
+                if any(k in t for t in targets)]:
+        ref = next(t for t in targets if key in t)
+        for t in targets:
+            if key in t:
+                continue
+            if key == "teacher_probs":
+                k = ref["teacher_probs"].shape[1]
+                t.update(teacher_probs=torch.zeros(0, k), teacher_weight=torch.zeros(0),
+                         teacher_boxes=torch.zeros(0, 4), teacher_boxes_cxcywh=torch.zeros(0, 4))
+            else:
+                t[key] = torch.zeros_like(ref[key])
+                t["teacher_valid"] = torch.zeros(2, dtype=torch.int64)
+                t["teacher_input_hw"] = torch.as_tensor(ref["teacher_input_hw"], dtype=torch.int64)

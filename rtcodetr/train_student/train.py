@@ -95,6 +95,12 @@ class TrainConfig:
     # Online teacher (model directory) instead of a cache: the same losses with the teacher run on each augmented
     # batch. The reference arm that shows what the cache costs; slower, not for production runs.
     teacher: str | None = None
+    # Images without annotations (`rtcodetr data add-images`): they get the distillation losses only, from their own
+    # cache (or the online teacher); `unlabeled_ratio` of every batch comes from them. `cache` stays the labelled
+    # split's cache and is optional here (without it labelled images get the detection loss only).
+    unlabeled_split: str | None = None
+    unlabeled_cache: str | None = None
+    unlabeled_ratio: float = 0.5
     out: str = "runs/train"
     train_split: str = "train"
     val_split: str = "val"
@@ -255,11 +261,13 @@ class DistillCriterion(nn.Module):
                 assignment=cfg.pred_assignment, gt_matcher=gt_matcher, min_confidence=cfg.pred_min_confidence,
                 gt_iou=cfg.pred_gt_iou)
 
-    def forward(self, outputs, student_map: torch.Tensor | None, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def forward(self, outputs, student_map: torch.Tensor | None, batch: dict[str, Any],
+                detection: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``detection``: the detection loss when it is not ``outputs.loss`` (batches with unlabelled images)."""
         from rtcodetr.train_student.losses import PredictionTargets, foreground_weights, split_denoising
         from rtcodetr.train_student.resample import resample_teacher_features
 
-        losses = {"detection": outputs.loss}
+        losses = {"detection": outputs.loss if detection is None else detection}
         if self.use_features:
             # the frame the teacher saw: the original image (cache), or the current view itself (online teacher)
             teacher_map, mask = resample_teacher_features(
@@ -364,6 +372,39 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.batches_per_process() - self.start_batch
+
+
+class MixedBatchSampler(EpochBatchSampler):
+    """Batches of ``labelled_per_batch`` labelled images (indices ``0..num_labelled-1``, in the epoch's seeded
+    permutation, exactly as ``EpochBatchSampler``) plus ``unlabelled_per_batch`` unlabelled ones (indices
+    ``num_labelled..num_labelled+num_unlabelled-1``).
+
+    Epochs are counted in labelled images. The unlabelled images come from one endless stream of seeded
+    permutations (a new one each time the stream has used every image), indexed by the global batch number, so
+    which unlabelled images a batch gets depends only on ``(seed, epoch, batch)``: resuming mid-epoch and the process
+    count do not change it.
+    """
+
+    def __init__(self, num_labelled: int, num_unlabelled: int, labelled_per_batch: int, unlabelled_per_batch: int,
+                 seed: int, rank: int = 0, world: int = 1):
+        super().__init__(num_labelled, labelled_per_batch, seed, rank, world)
+        self.num_unlabelled, self.unlabelled_per_batch = num_unlabelled, unlabelled_per_batch
+
+    def _unlabelled(self, global_batch: int) -> list[int]:
+        out = []
+        for k in range(self.unlabelled_per_batch):
+            cycle, i = divmod(global_batch * self.unlabelled_per_batch + k, self.num_unlabelled)
+            if getattr(self, "_cycle", None) != cycle:
+                g = torch.Generator().manual_seed((self.seed * 100_003 + cycle) * 2 + 1)
+                self._cycle, self._perm = cycle, torch.randperm(self.num_unlabelled, generator=g).tolist()
+            out.append(self.num_samples + self._perm[i])
+        return out
+
+    def __iter__(self):
+        per_epoch = self.batches_per_process() * self.world
+        for j, labelled in zip(range(self.start_batch * self.world + self.rank, per_epoch, self.world),
+                               super().__iter__()):
+            yield labelled + self._unlabelled(self.epoch * per_epoch + j)
 
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:
@@ -475,6 +516,65 @@ def _check_label_maps(model, data, where: str) -> None:
             f"model for this dataset with `rtcodetr init-model --data {data.root}`")
 
 
+def _open_cache(path: str, data, split: str, lcfg: LossConfig, use_pred: bool, use_feat: bool):
+    """The teacher cache of ``split``, reading only the tensors the active losses need; a cache whose teacher label
+    map differs from the dataset's is refused for the prediction loss."""
+    from rtcodetr.cache_teacher import TeacherCache
+
+    tensors = (["logits", "boxes"] if use_pred else []) + ([lcfg.teacher_feature] if use_feat else [])
+    cache = TeacherCache(path, data=data, split=split, tensors=tensors)
+    if use_pred and not cache.label_map_matches(data.label_map):
+        raise ConfigError(
+            f"cache {path}: its teacher label map differs from the student's (dataset {data.root}); the "
+            "prediction loss would compare unrelated classes and is refused. Fine-tune the teacher on this "
+            "dataset first, or set loss.prediction_weight=0 (feature distillation is still allowed)")
+    return cache
+
+
+def _check_unlabeled(cfg: TrainConfig, data, distills: bool) -> None:
+    """An unlabelled split needs teacher targets (its images have nothing else to learn from) and must really be
+    unlabelled; the splits the detection loss and validation use must be labelled."""
+    if data.is_labelled(cfg.unlabeled_split):
+        raise ConfigError(f"unlabeled_split='{cfg.unlabeled_split}' has annotations; train on it with train_split, "
+                          "or add images without annotations with `rtcodetr data add-images`")
+    for key in ("train_split", "val_split"):
+        if not data.is_labelled(getattr(cfg, key)):
+            raise ConfigError(f"{key}='{getattr(cfg, key)}' is an unlabelled split: it has no ground truth")
+    if not (cfg.unlabeled_cache or cfg.teacher):
+        raise ConfigError(f"unlabeled_split='{cfg.unlabeled_split}' needs its teacher cache: unlabeled_cache=PATH "
+                          f"(rtcodetr cache-teacher --split {cfg.unlabeled_split} ...), or teacher=MODEL_DIR")
+    if not distills:
+        raise ConfigError(f"unlabeled_split='{cfg.unlabeled_split}' is used only by the distillation losses, but "
+                          "loss.feature_weight and loss.prediction_weight are 0")
+
+
+def _labelled_detection_loss(model: nn.Module, outputs, labels: list[dict], labelled: list[bool]) -> torch.Tensor:
+    """The model's own detection loss over the labelled images of a batch only (RT-DETR family).
+
+    Inside the model every image counts, and an image without annotations would be trained as pure background. The
+    loss is recomputed on the labelled images' outputs (denoising queries included, indexed per image); the model's
+    full loss times 0 is added so that every parameter stays in the graph (DDP expects gradients for all of them,
+    also on a process whose batch has no labelled image).
+    """
+    keep = [i for i, flag in enumerate(labelled) if flag]
+    anchor = outputs.loss * 0.0
+    if not keep:
+        return anchor
+    if len(keep) == len(labelled):
+        return outputs.loss
+    idx = torch.as_tensor(keep, device=outputs.logits.device)
+    meta = outputs.denoising_meta_values
+    if meta is not None:
+        meta = {**meta, "dn_positive_idx": [meta["dn_positive_idx"][i] for i in keep]}
+    pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+    loss, _, _ = model.loss_function(
+        pick(outputs.logits), [labels[i] for i in keep], outputs.logits.device, pick(outputs.pred_boxes), model.config,
+        pick(outputs.intermediate_logits), pick(outputs.intermediate_reference_points),
+        enc_topk_logits=pick(outputs.enc_topk_logits), enc_topk_bboxes=pick(outputs.enc_topk_bboxes),
+        denoising_meta_values=meta)
+    return loss + anchor
+
+
 def _json_safe(x: Any) -> Any:
     """NaN/inf (e.g. the AP of an absent size class) -> None, so the JSON files stay strict JSON."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -513,7 +613,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.cache and cfg.teacher:
         raise ConfigError("train: give either cache=CACHE (the cached teacher) or teacher=MODEL_DIR (the online "
                           "reference arm), not both")
-    source = cfg.cache or cfg.teacher  # where distillation targets come from
+    source = cfg.cache or cfg.unlabeled_cache or cfg.teacher  # where distillation targets come from
     use_pred = bool(source) and lcfg.prediction_weight > 0
     use_feat = bool(source) and lcfg.feature_weight > 0
     if cfg.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
@@ -570,30 +670,46 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if use_feat:
             teacher_channels = online.channels(lcfg.teacher_feature)
         log(f"[train] online teacher {cfg.teacher} ({online.teacher.family}) runs on every batch (reference arm)")
-    elif use_pred or use_feat:
-        from rtcodetr.cache_teacher import TeacherCache
-
-        tensors = (["logits", "boxes"] if use_pred else []) + ([lcfg.teacher_feature] if use_feat else [])
-        cache = TeacherCache(cfg.cache, data=data, split=cfg.train_split, tensors=tensors)
-        if use_pred and not cache.label_map_matches(data.label_map):
-            raise ConfigError(
-                f"cache {cfg.cache}: its teacher label map differs from the student's (dataset {data.root}); the "
-                "prediction loss would compare unrelated classes and is refused. Fine-tune the teacher on this "
-                "dataset first, or set loss.prediction_weight=0 (feature distillation is still allowed)")
+    unl_cache = None
+    if cfg.unlabeled_split:
+        _check_unlabeled(cfg, data, use_pred or use_feat)
+    if (use_pred or use_feat) and online is None:
+        cache = _open_cache(cfg.cache, data, cfg.train_split, lcfg, use_pred, use_feat) if cfg.cache else None
+        if cfg.unlabeled_split and cfg.unlabeled_cache:
+            unl_cache = _open_cache(cfg.unlabeled_cache, data, cfg.unlabeled_split, lcfg, use_pred, use_feat)
+        first = cache or unl_cache
         if use_feat:
-            shape = cache.manifest["tensors"][lcfg.teacher_feature]["shape"]
+            shape = first.manifest["tensors"][lcfg.teacher_feature]["shape"]
             teacher_channels = int(shape[-3])  # manifest shapes are per sample: [C, Hf, Wf]
-        teacher_stride = float(cache.manifest.get("geometry", {}).get("stride", 32))
+        teacher_stride = float(first.manifest.get("geometry", {}).get("stride", 32))
 
-    train_base = CocoDetection(data, cfg.train_split, build_transforms(True, image_size, cfg.aug, normalize),
-                               draft_size=cfg.draft_size)
+    def distill_set(split: str, split_cache, stream: int) -> DistillDataset:
+        base = CocoDetection(data, split, build_transforms(True, image_size, cfg.aug, normalize),
+                             draft_size=cfg.draft_size)
+        return DistillDataset(base, split_cache, predictions=use_pred and split_cache is not None,
+                              features=(lcfg.teacher_feature,) if use_feat and split_cache is not None else (),
+                              topk=lcfg.topk, seed=cfg.seed + stream * 1_000_003)
+
     val_base = CocoDetection(data, cfg.val_split, build_transforms(False, image_size, None, normalize),
                              draft_size=cfg.draft_size)
-    train_set = DistillDataset(train_base, cache, predictions=use_pred and cache is not None,
-                               features=(lcfg.teacher_feature,) if use_feat and cache is not None else (),
-                               topk=lcfg.topk, seed=cfg.seed)
-    sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, accelerator.process_index,
-                                accelerator.num_processes)
+    train_set = distill_set(cfg.train_split, cache, 0)
+    epoch_sets = [train_set]
+    if cfg.unlabeled_split:
+        unl_set = distill_set(cfg.unlabeled_split, unl_cache, 1)
+        epoch_sets.append(unl_set)
+        n_unl = int(round(cfg.batch_size * cfg.unlabeled_ratio))
+        if not 1 <= n_unl <= cfg.batch_size - 1:
+            raise ConfigError(f"unlabeled_ratio={cfg.unlabeled_ratio} with batch_size={cfg.batch_size} gives "
+                              f"{n_unl} unlabelled images per batch; it must leave at least one of each kind")
+        sampler = MixedBatchSampler(len(train_set), len(unl_set), cfg.batch_size - n_unl, n_unl, cfg.seed,
+                                    accelerator.process_index, accelerator.num_processes)
+        train_data = torch.utils.data.ConcatDataset([train_set, unl_set])
+        log(f"[train] {len(unl_set)} unlabelled images ('{cfg.unlabeled_split}'): {n_unl} of each batch of "
+            f"{cfg.batch_size}, distillation losses only")
+    else:
+        sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, accelerator.process_index,
+                                    accelerator.num_processes)
+        train_data = train_set
     if sampler.batches_per_process() < cfg.grad_accum_steps:
         raise ConfigError(f"train split '{cfg.train_split}' has {len(train_set)} images: too few for batch_size="
                           f"{cfg.batch_size} x grad_accum_steps={cfg.grad_accum_steps} x {accelerator.num_processes} "
@@ -601,7 +717,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     loader_kwargs = dict(num_workers=cfg.num_workers, collate_fn=collate, pin_memory=accelerator.device.type == "cuda")
     # Own generators: a DataLoader without one draws its worker base seed from the global RNG at every epoch, which
     # would shift the model's denoising noise between an uninterrupted and a resumed run.
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler,
+    train_loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler,
                                                generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
     val_subset = torch.utils.data.Subset(
         DistillDataset(val_base), shard_indices(len(val_base), accelerator.process_index, accelerator.num_processes))
@@ -730,7 +846,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     running: dict[str, float] = {}
     net.train()
     while state.step < stop_at:
-        train_set.set_epoch(state.epoch)
+        for dataset in epoch_sets:
+            dataset.set_epoch(state.epoch)
         sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
         for batch in train_loader:
             if state.batch_in_epoch >= steps_per_epoch * cfg.grad_accum_steps:
@@ -747,7 +864,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             with ctx:
                 with accelerator.autocast():
                     outputs, student_map = net(batch["pixel_values"], batch["pixel_mask"], labels=batch["labels"])
-                    losses = criterion(outputs, student_map, batch)
+                    detection = None
+                    if not all(batch["labelled"]):
+                        detection = _labelled_detection_loss(unwrapped.student, outputs, batch["labels"],
+                                                             batch["labelled"])
+                    losses = criterion(outputs, student_map, batch, detection)
                 loss = sum(losses[k] * weight_dict[k] for k in losses)
                 # One host copy per micro-batch for the finiteness check and every logged value (not one per part).
                 logged = {**losses, **{f"det/{k}": v for k, v in (getattr(outputs, "loss_dict", None) or {}).items()}}
