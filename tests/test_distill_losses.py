@@ -112,6 +112,18 @@ def test_gt_assignment_distils_into_the_query_the_gt_loss_trains():
     assert dict(zip(t_h.tolist(), q_h.tolist()))[0] == 4
 
 
+def test_gt_assignment_does_not_distil_a_duplicate_of_an_annotated_object():
+    """A second confident teacher box on GT A (NMS-free detectors leave some) must not become an 'extra' object: it
+    would pull a query that the GT loss trains as background onto A."""
+    teacher, logits, boxes, gt, gt_matcher = _gt_scene()
+    dup = PredictionTargets(probs=torch.cat([teacher.probs, torch.tensor([[0.6, 0.05, 0.05]])]),
+                            boxes=torch.cat([teacher.boxes, torch.tensor([[0.29, 0.31, 0.21, 0.19]])]),
+                            weight=torch.cat([teacher.weight, torch.tensor([0.6])]))
+    _, _, q, t = PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3).assign(
+        logits, boxes, [dup], gt)
+    assert 3 not in t.tolist() and dict(zip(t.tolist(), q.tolist()))[0] == 2
+
+
 def test_gt_assignment_on_an_image_without_gt_distils_only_confident_predictions():
     teacher, logits, boxes, _, gt_matcher = _gt_scene()
     empty = [{"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]

@@ -95,27 +95,29 @@ Assignment = Literal["gt", "hungarian"]
 
 
 def teacher_to_gt(target: PredictionTargets, gt_labels: torch.Tensor, gt_boxes: torch.Tensor,
-                  min_iou: float = 0.5) -> np.ndarray:
-    """For each ground-truth box, the index of the teacher prediction that detects it, or -1.
+                  min_iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Which teacher prediction detects each ground-truth box, and which predictions cover one at all.
 
     One Hungarian assignment of teacher predictions to GT boxes (cost: 1 - teacher probability of the GT class +
     L1 + (1 - GIoU)); a pair counts only if its IoU is at least ``min_iou``. gt_labels int ``[G]``, gt_boxes float
-    ``[G, 4]`` normalized cxcywh of the current image (as the model's labels) -> int64 ``[G]``.
+    ``[G, 4]`` normalized cxcywh of the current image (as the model's labels) -> (int64 ``[G]``: the teacher index
+    per GT box or -1; bool ``[T]``: the prediction overlaps some GT box by ``min_iou`` or more, i.e. it is that box's
+    detection or a duplicate of it).
     """
-    g = len(gt_boxes)
-    out = np.full(g, -1, dtype=np.int64)
-    if g == 0 or len(target.boxes) == 0:
-        return out
+    g, t = len(gt_boxes), len(target.boxes)
+    out, covers = np.full(g, -1, dtype=np.int64), np.zeros(t, dtype=bool)
+    if g == 0 or t == 0:
+        return out, covers
     t_xyxy = box_convert(target.boxes.float(), "cxcywh", "xyxy")
     g_xyxy = box_convert(gt_boxes.float().to(t_xyxy.device), "cxcywh", "xyxy")
-    iou = box_iou(t_xyxy, g_xyxy)
+    iou = box_iou(t_xyxy, g_xyxy).cpu().numpy()
     cost = (1 - target.probs.float()[:, gt_labels.long().to(t_xyxy.device)]
             + torch.cdist(target.boxes.float(), gt_boxes.float().to(t_xyxy.device), p=1)
             + 1 - generalized_box_iou(t_xyxy, g_xyxy))
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
-    ok = iou.cpu().numpy()[rows, cols] >= min_iou
+    ok = iou[rows, cols] >= min_iou
     out[cols[ok]] = rows[ok]
-    return out
+    return out, iou.max(1) >= min_iou
 
 
 class PredictionDistillLoss(nn.Module):
@@ -126,7 +128,7 @@ class PredictionDistillLoss(nn.Module):
     - ``"gt"`` (the trainer's default): the student's own ground-truth assignment is shared. Every teacher prediction is first
       assigned to the GT box it detects (``teacher_to_gt``, IoU >= ``gt_iou``); the student query that the GT loss
       trains as that box's positive (the student's matcher, per layer, exactly as in its detection loss) learns the
-      teacher's probabilities and box for it. Teacher predictions with confidence >= ``min_confidence`` that detect
+      teacher's probabilities and box for it. Teacher predictions with confidence >= ``min_confidence`` that overlap
       no GT box (objects the annotation lacks; on images without GT, every confident prediction) are matched by
       ``matcher`` to the queries the GT loss leaves unassigned. So a query is never pulled towards an object by the
       distillation loss while the GT loss trains it as background, and the teacher's low-confidence clutter is not
@@ -163,12 +165,14 @@ class PredictionDistillLoss(nn.Module):
         of_gt: list[np.ndarray] = []
         for b, t in enumerate(targets):
             confident = (t.weight >= self.min_confidence).cpu().numpy()
-            assigned = teacher_to_gt(t, gt[b]["class_labels"], gt[b]["boxes"], self.gt_iou) if share_gt else \
-                np.zeros(0, dtype=np.int64)
-            detects_gt = np.zeros(len(t.boxes), dtype=bool)
-            detects_gt[assigned[assigned >= 0]] = True
+            if share_gt:
+                assigned, covers_gt = teacher_to_gt(t, gt[b]["class_labels"], gt[b]["boxes"], self.gt_iou)
+            else:
+                assigned, covers_gt = np.zeros(0, dtype=np.int64), np.zeros(len(t.boxes), dtype=bool)
             of_gt.append(assigned)
-            extras.append(np.flatnonzero(confident & ~detects_gt))
+            # left to the KD matcher: confident predictions of objects the annotation lacks. A duplicate of an
+            # annotated object is not one (it would pull a query the GT loss trains as background onto that object).
+            extras.append(np.flatnonzero(confident & ~covers_gt))
         if share_gt:
             for layer in range(num_layers):  # the student's own GT assignment, as its detection loss computes it
                 indices = self.gt_matcher({"logits": layer_logits[:, layer].detach(),
