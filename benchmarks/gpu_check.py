@@ -241,6 +241,39 @@ def _cpu_workers(limit: int) -> int:
     return max(1, min(limit, (os.cpu_count() or 2) - 2))
 
 
+def cache_words(plan: Plan, data_root: Path, teacher: Path, out: Path, *extra: str) -> list[str]:
+    """``key=value`` words of the caching job (``CacheConfig``) for the train split of ``data_root``."""
+    workers = plan.cache_workers if plan.cache_workers is not None else _cpu_workers(12)
+    return [f"data={data_root}", f"teacher={teacher}", f"out={out}", "split=train", "progress=false",
+            f"batch_size={plan.cache_batch}", f"num_workers={workers}", f"samples_per_shard={plan.samples_per_shard}",
+            *extra]
+
+
+def stability_words(plan: Plan, data_root: Path, student: Path, cache: Path) -> list[str]:
+    """``TrainConfig`` words of the stability runs (without ``out`` / ``stop_after_steps`` / ``resume``)."""
+    workers = plan.stab_workers if plan.stab_workers is not None else _cpu_workers(8)
+    size = plan.stab_size or plan.student_size
+    return [f"data={data_root}", f"model={student}", f"cache={cache}", f"max_steps={plan.stab_steps}",
+            f"batch_size={plan.stab_batch}", f"num_workers={workers}", f"mixed_precision={plan.stab_precision}",
+            f"draft_size={size}", "eval_every=0", "checkpoint_epoch_end=false", "keep_checkpoints=1",
+            "log_every=10", "log_with=[]", "loss.feature_weight=1", "loss.prediction_weight=1",
+            "loss.feature_loss=pkd", "loss.feature_source=encoder", "loss.teacher_feature=encoder",
+            "freeze.backbone_batchnorm=true", *plan.stab_words,
+            *([f"image_size=[{plan.stab_size},{plan.stab_size}]"] if plan.stab_size else [])]
+
+
+def multi_train_words(plan: Plan, data_root: Path, student: Path, cache: Path, out: Path, on_cuda: bool) -> list[str]:
+    """``TrainConfig`` words of the 2-process training run. The default ``mixed_precision`` ("no") is left implicit:
+    the config parser reads a bare ``no`` as YAML false."""
+    size = plan.stab_size or plan.student_size
+    return [f"data={data_root}", f"model={student}", f"cache={cache}", f"out={out}",
+            f"max_steps={plan.multi_train_steps}", f"batch_size={plan.stab_batch}",
+            f"num_workers={2 if on_cuda else 0}", *(["mixed_precision=fp16"] if on_cuda else []), "eval_every=0",
+            "checkpoint_epoch_end=false", "log_with=[]", "loss.feature_weight=1", "loss.prediction_weight=1",
+            "freeze.backbone_batchnorm=true",
+            *(["cpu=true", f"image_size=[{size},{size}]"] if not on_cuda else [])]
+
+
 class Work:
     """The shared, idempotent preparation: data, models, teacher, the train split's cache, under one work dir.
 
@@ -338,10 +371,7 @@ class Work:
 
     # ---- the train split's teacher cache (sections 1, 4, 5 read it; section 2 writes and measures it)
     def cache_words(self, data, out: Path, *extra: str) -> list[str]:
-        workers = self.plan.cache_workers if self.plan.cache_workers is not None else _cpu_workers(12)
-        return [f"data={data.root}", f"teacher={self.teacher()}", f"out={out}", "split=train", "progress=false",
-                f"batch_size={self.plan.cache_batch}", f"num_workers={workers}",
-                f"samples_per_shard={self.plan.samples_per_shard}", *extra]
+        return cache_words(self.plan, data.root, self.teacher(), out, *extra)
 
     @property
     def cache_path(self) -> Path:
@@ -365,17 +395,23 @@ class Work:
         return self.cache_path
 
 
+def native_bf16() -> bool:
+    """Whether the GPU computes in bf16 itself (sm >= 8.0); T4-class GPUs only emulate it, slowly."""
+    import torch
+
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch: no emulation argument
+        return torch.cuda.is_bf16_supported()
+
+
 def cache_precision(plan: Plan) -> str:
-    """The plan's precision for the teacher, or fp16 on a GPU without bf16 (T4-class: sm 7.5)."""
+    """The plan's precision for the teacher, or fp16 on a GPU without bf16."""
     import torch
 
     if plan.cache_precision != "bf16" or not torch.cuda.is_available():
         return plan.cache_precision
-    try:
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # older torch: no emulation argument
-        native = torch.cuda.is_bf16_supported()
-    return "bf16" if native else "fp16"
+    return "bf16" if native_bf16() else "fp16"
 
 
 def _device():
@@ -409,7 +445,7 @@ def section_train_step(plan: Plan, work: Work, rec: Recorder) -> None:
     rows: list[dict] = []
     errors = []
     for precision in plan.step_precisions:
-        if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and precision == "bf16" and not native_bf16():
             rec.note("bf16 is not supported by this GPU: bf16 steps skipped")
             continue
         for mode in ("baseline", "cached", "online"):
@@ -563,11 +599,10 @@ def section_cache_job(plan: Plan, work: Work, rec: Recorder) -> None:
     rec.set("job_over_forward", ratio)
     rec.check("cache job / teacher forward (images/s)", round(ratio, 3), ">= 0.9", ratio >= 0.9)
 
-    # 2. what bounds the job: its input pipeline alone, and decode alone (CPU draft vs torchvision on the device)
+    # 2. what bounds the job: its input pipeline alone (the job's workers, no teacher)
     loader = loader_rate(rep, "train", geometry, plan.cache_batch, workers)
     rec.set("loader_alone_images_per_s", loader)
     rec.set("bound_by", "decode/preprocess (CPU)" if loader < fwd else "teacher forward")
-    rec.set("decode", decode_rates(rep, "train", geometry, plan.decode_files, device))
 
     # 3. bytes per image of the base train split's cache, float16 (the one sections 1/4/5 read) and int8
     sizes = {}
@@ -580,6 +615,14 @@ def section_cache_job(plan: Plan, work: Work, rec: Recorder) -> None:
                                        "raw_bytes_per_image": a["raw_bytes_per_image"]}
                                    for k, a in info["arrays"].items()}}
         rec.set("bytes_per_image", sizes)
+
+    # 4. decode alone, CPU draft vs torchvision on the device: last and guarded, since it is a what-if (the job does
+    # not decode on the GPU) and a decoder missing from this torchvision build must not cost the figures above
+    try:
+        rec.set("decode", decode_rates(rep, "train", geometry, plan.decode_files, device))
+    except Exception as e:
+        rec.set("decode", {"error": f"{type(e).__name__}: {e}"[:1000]})
+        rec.note(f"decode comparison failed: {type(e).__name__}: {str(e)[:200]}")
 
 
 # ---- section 3 ------------------------------------------------------------------------------------------------------
@@ -732,16 +775,7 @@ def section_stability(plan: Plan, work: Work, rec: Recorder) -> None:
     data = work.data()
     cache = work.cache()
     student = work.model(plan.stab_student)
-    workers = plan.stab_workers if plan.stab_workers is not None else _cpu_workers(8)
-    size = plan.stab_size or plan.student_size
-    words = [f"data={data.root}", f"model={student}", f"cache={cache}", f"max_steps={plan.stab_steps}",
-             f"batch_size={plan.stab_batch}", f"num_workers={workers}", f"mixed_precision={plan.stab_precision}",
-             f"draft_size={size}", "eval_every=0", "checkpoint_epoch_end=false", "keep_checkpoints=1",
-             "log_every=10", "log_with=[]", "loss.feature_weight=1", "loss.prediction_weight=1",
-             "loss.feature_loss=pkd", "loss.feature_source=encoder", "loss.teacher_feature=encoder",
-             "freeze.backbone_batchnorm=true", *plan.stab_words]
-    if plan.stab_size:
-        words.append(f"image_size=[{plan.stab_size},{plan.stab_size}]")
+    words = stability_words(plan, data.root, student, cache)
     rec.set("setup", {"student": plan.stab_student, "steps": plan.stab_steps, "stop_at": plan.stab_stop,
                       "precision": plan.stab_precision, "device": str(device), "words": words})
     a_dir, b_dir = work.root / "stability_straight", work.root / "stability_resumed"
@@ -845,12 +879,7 @@ def section_multi_gpu(plan: Plan, work: Work, rec: Recorder) -> None:
 
     run_dir = work.root / "train_2proc"
     shutil.rmtree(run_dir, ignore_errors=True)
-    words = [f"data={data.root}", f"model={student}", f"cache={ref}", f"out={run_dir}",
-             f"max_steps={plan.multi_train_steps}", f"batch_size={plan.stab_batch}",
-             f"num_workers={2 if on_cuda else 0}",
-             *(["mixed_precision=fp16"] if on_cuda else []), "eval_every=0", "checkpoint_epoch_end=false",
-             "log_with=[]", "loss.feature_weight=1", "loss.prediction_weight=1", "freeze.backbone_batchnorm=true",
-             *(["cpu=true", f"image_size=[{plan.stab_size},{plan.stab_size}]"] if not on_cuda else [])]
+    words = multi_train_words(plan, data.root, student, ref, run_dir, on_cuda)
     t0 = time.perf_counter()
     proc = subprocess.run([*launch, "--mixed_precision", "no", "-m", "rtcodetr.train_student", *words], env=env,
                           capture_output=True, text=True, cwd=REPO)
@@ -962,7 +991,10 @@ def child_main(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 def find_taco(explicit: str | None) -> Path | None:
     """The TACO sample folder (``annotations.json`` + ``images/``): --taco, the bundle, a ``shared/`` inside the
-    checkout (what the device tool carries), then the ``../shared`` beside it (the development layout)."""
+    checkout (what the device tool carries), then the ``../shared`` beside it (the development layout).
+    ``--taco none``: synthetic images (what a checkout without the sample gets)."""
+    if explicit == "none":
+        return None
     candidates = [Path(explicit)] if explicit else [BUNDLE / "taco", REPO / "shared" / "data" / "taco" / "sample",
                                                     REPO.parent / "shared" / "data" / "taco" / "sample"]
     for c in candidates:
@@ -1183,7 +1215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny presets, every section (< 3 min on 2 cores)")
     p.add_argument("--work", help="models, data, caches (default: a folder under the temp dir, kept for reruns)")
     p.add_argument("--sections", help="comma-separated subset, e.g. 2,1 (default: all)")
-    p.add_argument("--taco", help="TACO sample folder (annotations.json + images/); default: the bundle, shared/")
+    p.add_argument("--taco", help="TACO sample folder (annotations.json + images/); default: the bundle, shared/; "
+                                  "'none': synthetic images")
     p.add_argument("--deadline", type=float, help="seconds for the whole run (default: the plan's)")
     p.add_argument("--make-bundle", metavar="DIR", help="write the device bundle (wheels + TACO photos) and exit")
     p.add_argument("--photos", type=int, default=32, help="TACO photos in the bundle (size-capped)")
@@ -1283,7 +1316,11 @@ def _write(out: Path, report: dict, t_start: float) -> None:
     report["summary"] = {s: sum(e["status"] == s for e in report["sections"])
                          for s in ("ok", "failed", "timeout", "skipped")}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=_json_default))
-    (out / "gpu_check.md").write_text(markdown(report))
+    try:
+        md = markdown(report)
+    except Exception:  # the JSON above holds everything; a rendering bug must not end the run
+        md = f"# GPU check: the tables could not be rendered\n\n```\n{traceback.format_exc()}```\n"
+    (out / "gpu_check.md").write_text(md)
 
 
 def _preflight_lines(info: dict) -> list[str]:
@@ -1382,7 +1419,9 @@ def markdown(report: dict, compact: bool = False) -> str:
                   f"warm); warm / forward = **{_f(r.get('job_over_forward'), '.2f')}** (goal >= 0.9)",
                   f"- the job's loader alone (decode + resize + normalise, {s['workers']} workers): "
                   f"{_f(r.get('loader_alone_images_per_s'), '.1f')} images/s; bound by: {r.get('bound_by', '–')}"]
-        if d:
+        if d.get("error"):
+            lines.append(f"- decode comparison failed: {d['error']}")
+        elif d:
             lines.append(f"- decode + resize of {d['files']} photos ({d['mean_megapixels']:.1f} MP), one process: "
                          f"PIL draft {d['pil_draft_images_per_s_one_process']:.1f} images/s; torchvision decode_jpeg "
                          f"on {d['torchvision_decode_jpeg_device']} {d['torchvision_decode_jpeg_images_per_s']:.1f} "

@@ -142,3 +142,63 @@ def test_compare_runs_tells_a_broken_resume_from_gpu_noise(gpu_check):
     # a step logged twice (a crash after a checkpoint that was not cleaned up) is caught too
     twice = _records(base)
     assert not gpu_check.compare_runs(_records(base), twice[:11] + twice[10:], stop=10)["steps_logged_once"]
+
+
+@pytest.mark.parametrize("plan_name", ["REAL", "DRY"])
+def test_every_plan_gives_configs_the_stages_accept(gpu_check, plan_name, tmp_path):
+    """The real run's cache / trainer words are only ever parsed on a GPU machine: parse them here, so a renamed
+    config key fails in CI instead of on the device."""
+    from rtcodetr.cache_teacher.config import CacheConfig
+    from rtcodetr.config import load_config
+    from rtcodetr.train_student.train import TrainConfig
+
+    plan = getattr(gpu_check, plan_name)
+    p = tmp_path
+    cache = load_config(CacheConfig, None, gpu_check.cache_words(plan, p / "d", p / "t", p / "c", "dtype=int8"))
+    assert cache.split == "train" and cache.dtype == "int8" and cache.num_workers >= 1
+    train = load_config(TrainConfig, None, gpu_check.stability_words(plan, p / "d", p / "m", p / "c")
+                        + ["resume=auto", f"stop_after_steps={plan.stab_stop}"])
+    assert train.max_steps == plan.stab_steps > train.stop_after_steps and train.mixed_precision == plan.stab_precision
+    assert train.loss.feature_weight == train.loss.prediction_weight == 1 and train.log_with == []
+    for on_cuda in (True, False):
+        multi = load_config(TrainConfig, None, gpu_check.multi_train_words(plan, p / "d", p / "m", p / "c", p / "o",
+                                                                           on_cuda))
+        assert multi.max_steps == plan.multi_train_steps and multi.cpu is not on_cuda
+
+
+def test_the_real_plan_fits_its_time(gpu_check):
+    """Under 8 minutes on one GPU: the deadline caps every section, and the expected times leave it a margin."""
+    real = gpu_check.REAL
+    assert real.deadline_s <= 470 and sum(real.budgets.values()) + 60 <= real.deadline_s
+    assert set(real.timeouts) == set(real.budgets) == set(gpu_check.SECTIONS) == set(gpu_check.ORDER)
+    assert all(real.budgets[s] < real.timeouts[s] for s in real.timeouts)
+
+
+def test_the_report_renders_from_partial_results(gpu_check):
+    """A section that timed out or failed midway leaves partial results; the tables still render (and say so)."""
+    sections = [
+        {"id": "1", "name": "train_step", "status": "timeout", "seconds": 180, "timeout_s": 180, "error": "timed out",
+         "checks": [], "notes": [], "result": {"setup": {"student": "s", "size": 640, "batch": 8, "teacher": "t",
+                                                         "steps": 10, "warmup": 3},
+                                               "steps": [{"mode": "baseline", "precision": "fp16", "median_s": 0.2,
+                                                          "mean_s": 0.2, "peak_mb": 9000, "start_mb": 0},
+                                                         {"mode": "cached", "precision": "fp16",
+                                                          "error": "OutOfMemoryError: CUDA out of memory"}]}},
+        {"id": "2", "name": "cache_job", "status": "failed", "seconds": 50, "timeout_s": 150, "error": "boom\nline 2",
+         "checks": [], "notes": ["decode comparison failed"],
+         "result": {"setup": {"teacher": "t", "precision": "bf16", "batch": 8, "workers": 12, "train_images": 200,
+                              "distinct_photos": 25}, "forward_images_per_s_before": 300.0,
+                    "decode": {"error": "RuntimeError: no nvjpeg"}}},
+        {"id": "4", "name": "stability", "status": "failed", "seconds": 20, "timeout_s": 180, "error": "x",
+         "checks": [{"name": "every loss finite", "value": False, "goal": "true", "met": False, "kind": "required"}],
+         "notes": [], "result": {"setup": {"student": "s"}}},
+        {"id": "5", "name": "multi_gpu", "status": "skipped", "seconds": 3, "timeout_s": 150, "error": "one GPU",
+         "checks": [], "notes": [], "result": {}},
+    ]
+    report = {"mode": "real", "created_utc": "now", "deadline_s": 460, "seconds": 400, "plan": {"notes": []},
+              "environment": {"gpus": [{"name": "H200"}], "versions": {"torch": "2.11"}, "cpu_count": 16},
+              "sections": sections}
+    md = gpu_check.markdown(report)
+    assert "| 1 | train_step | timeout |" in md and "| 5 | multi_gpu | skipped |" in md
+    assert "failed: OutOfMemoryError" in md and "decode comparison failed: RuntimeError: no nvjpeg" in md
+    assert "| every loss finite (required) | False | true | **no** |" in md
