@@ -508,7 +508,7 @@ def decode_rates(data, split: str, geometry: dict, n_files: int, device) -> dict
     """
     import torch
     import torch.nn.functional as F
-    from torchvision.io import decode_jpeg, read_file
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
     from rtcodetr.cache_teacher.geometry import TeacherInputs, resize_hw
     from rtcodetr.data.dataset import CocoDetection
@@ -535,7 +535,7 @@ def decode_rates(data, split: str, geometry: dict, n_files: int, device) -> dict
         std = torch.tensor(geometry["normalize"]["std"], device=device).view(3, 1, 1)
 
     def gpu_pass() -> None:
-        decoded = decode_jpeg(blobs, device=device)
+        decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
         for img, (h, w) in zip(decoded, sizes):
             x = F.interpolate(img[None].float() / 255.0, size=(h, w), mode="bilinear", antialias=True,
                               align_corners=False)[0]
