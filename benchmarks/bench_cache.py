@@ -74,25 +74,44 @@ def cfg_for(data, teacher, out, *words: str):
                                            "progress=false", *words])
 
 
-def forward_only(data, split: str, teacher_dir: Path, manifest: dict, batch_size: int) -> float:
-    """img/s of the teacher alone on the job's batches, preprocessed beforehand (same batches as the job)."""
+def forward_only(data, split: str, teacher_dir: Path, manifest: dict, batch_size: int, device: str = "cpu",
+                 mixed_precision: str = "no") -> float:
+    """img/s of the teacher alone on the job's batches, preprocessed beforehand (same batches as the job).
+
+    Each distinct image file is preprocessed once (a split that lists the same photo several times, as
+    ``gpu_check`` uses to make a short list long enough to time, reuses it); batches are assembled before the clock
+    starts, moved to the device inside the timed loop as the job does, and CUDA is synchronised at the end.
+    """
     from rtcodetr.cache_teacher.geometry import PadCollate, TeacherInputs
     from rtcodetr.cache_teacher.storage import ShardPlan
     from rtcodetr.cache_teacher.teacher import Teacher
     from rtcodetr.data.dataset import CocoDetection
 
     g = manifest["geometry"]
-    teacher = Teacher(str(teacher_dir), "cpu", "no")
-    inputs = TeacherInputs(CocoDetection(data, split), g, draft=g["draft"])
+    teacher = Teacher(str(teacher_dir), device, mixed_precision)
+    base = CocoDetection(data, split)
+    inputs = TeacherInputs(base, g, draft=g["draft"])
     plan = ShardPlan(len(inputs), manifest["storage"]["samples_per_shard"])
     collate = PadCollate(g["input_hw"])
-    batches = [collate([inputs[i] for i in range(s, min(s + batch_size, plan.bounds(k)[1]))])
+    done: dict[str, tuple] = {}
+
+    def sample(i: int):
+        key = str(base.file_names[i])
+        if key not in done:
+            done[key] = inputs[i]
+        pixels, meta = done[key]
+        return pixels, {**meta, "index": int(i), "image_id": int(base.image_ids[i])}
+
+    batches = [collate([sample(i) for i in range(s, min(s + batch_size, plan.bounds(k)[1]))])
                for k in range(plan.num_shards) for s in range(plan.bounds(k)[0], plan.bounds(k)[1], batch_size)]
     tensors = list(manifest["tensors"])
     teacher.forward(batches[0], tensors, g["input_hw"], g["box_reference"])  # warm-up (lazy imports, allocator)
+    sync = torch.cuda.synchronize if teacher.device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for b in batches:
         teacher.forward(b, tensors, g["input_hw"], g["box_reference"])
+    sync()
     return sum(len(b["index"]) for b in batches) / (time.perf_counter() - t0)
 
 

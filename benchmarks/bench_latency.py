@@ -21,6 +21,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def prepare_models(presets: list[str], yolo: list[str], imgsz: int, work: Path) -> tuple[Path, dict[str, str]]:
+    """A small synthetic set at ``imgsz`` (its label map sizes the heads) and ``{name: model}`` for the evaluator:
+    each preset saved with random weights under ``work``, each YOLO yaml/pt as given (a yaml is built by the
+    detector with the set's classes). Returns ``(data_root, models)``."""
+    from rtcodetr.data.synthetic import make_synthetic
+    from rtcodetr.models import init_model
+
+    data = make_synthetic(work / "data", train=4, val=4, test=1, size=imgsz, seed=0)
+    models = {preset: str(init_model(preset, data.root, work / preset)) for preset in presets}
+    models.update({Path(y).stem: y for y in yolo})
+    return data.root, models
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="*", default=["rtdetr-tiny", "rtdetr-small", "conditional-detr-tiny"])
@@ -41,22 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from rtcodetr.data.synthetic import make_synthetic
     from rtcodetr.evaluate.api import evaluate_models
     from rtcodetr.evaluate.complexity import count_flops
     from rtcodetr.evaluate.report import markdown
-    from rtcodetr.models import build_model, init_model
+    from rtcodetr.models import build_model
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}"
           f"{' fp16' if args.half else ''}", flush=True)
     with tempfile.TemporaryDirectory(prefix="rtcodetr-bench-") as tmp:
         tmp = Path(tmp)
         if args.presets or args.yolo:
-            data = make_synthetic(tmp / "data", train=4, val=4, test=1, size=args.imgsz, seed=0)
-            models = {preset: str(init_model(preset, data.root, tmp / preset)) for preset in args.presets}
-            models.update({Path(y).stem: y for y in args.yolo})
+            data_root, models = prepare_models(args.presets, args.yolo, args.imgsz, tmp)
             out = Path(args.out) if args.out else tmp / "report"
-            report = evaluate_models(data.root, models, out, latency=True, device=args.device, half=args.half,
+            report = evaluate_models(data_root, models, out, latency=True, device=args.device, half=args.half,
                                      imgsz=args.imgsz, warmup=args.warmup, iterations=args.iterations, plot=False,
                                      threads=args.threads)
             md = markdown(report)
