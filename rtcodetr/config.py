@@ -55,6 +55,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 pass
         raise ConfigError(f"config key '{key}' (from {source}): {value!r} does not fit {tp}")
     if origin is typing.Literal:
+        if isinstance(value, bool) and value not in args:
+            # YAML 1.1 reads the words no/yes/off/on as booleans: `mixed_precision=no` must stay the string 'no'
+            spelled = {False: ("no", "false", "off"), True: ("yes", "true", "on")}[value]
+            value = next((a for a in args if isinstance(a, str) and a.lower() in spelled), value)
         if value not in args:
             raise ConfigError(f"config key '{key}' (from {source}): {value!r} is not one of {list(args)}")
         return value

@@ -53,3 +53,13 @@ def test_bad_type_is_an_error():
 def test_split_overrides():
     flags, over = split_overrides(["--config", "x.yaml", "a=1", "--flag", "b.c=2"])
     assert flags == ["--config", "x.yaml", "--flag"] and over == ["a=1", "b.c=2"]
+
+
+def test_literal_no_is_not_read_as_false():
+    """YAML 1.1 reads `no` as false; `mixed_precision=no` (a Literal of strings) must still mean 'no'."""
+    from rtcodetr.train_student.train import TrainConfig
+
+    cfg = load_config(TrainConfig, None, ["mixed_precision=no", "loss.feature_loss=mse"])
+    assert cfg.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(TrainConfig, None, ["mixed_precision=yes"])
