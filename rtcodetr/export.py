@@ -39,7 +39,8 @@ order among exactly tied scores. Differences are max abs over logits and over bo
 failed). For fp16 graphs the figures are reported but not enforced unless ``--tolerance`` is given: fp16 rounding of
 RT-DETR's encoder scores changes which queries its top-k selects, so an fp16 graph is judged by its mAP (``rtcodetr
 evaluate``), not by raw outputs. An untrained RT-DETR has all encoder scores within float32 rounding of each other
-(its class head is near zero), so its parity check fails by construction; the failure message says so.
+(its class head is near zero), and a featureless image (a blank frame) gives many anchors the same score, so the
+check is meaningful only for a trained model on real images; when it fails with such ties the message says so.
 
 YOLO (an ultralytics ``.pt``) goes through ultralytics' own ONNX export into the same layout (``model.onnx`` +
 ``model.export.json``; letterbox geometry and class names are in ultralytics' own graph metadata), with the same
@@ -435,8 +436,9 @@ def _parity_transformers(model, processor, graph: Path, images: Sequence[Image.I
               "provider": "CPUExecutionProvider", "topk_close_pairs": close}
     if ok is False and close:
         parity["note"] = (f"{close} neighbouring scores of the encoder's top-{model.config.num_queries} are closer "
-                          f"than {TIE_GAP:.0e}, i.e. within float32 rounding (typical of an untrained model), so the "
-                          "two runtimes can select or order the decoder queries differently; check a trained model")
+                          f"than {TIE_GAP:.0e}, i.e. within float32 rounding (an untrained model, or a featureless "
+                          "image such as a blank frame), so the two runtimes can select or order the decoder queries "
+                          "differently; check a trained model on real images")
     return parity
 
 
@@ -585,6 +587,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (ExportError, ConfigError, PreparedDataError, ValueError, OSError) as e:  # OSError: ModelLoadError, missing
         print(f"rtcodetr export: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # onnx / onnxruntime (the [deploy] extra) or ultralytics (the [yolo] extra) missing
+        print(f"rtcodetr export: error: {e}; install the extras: pip install -e '.[deploy,yolo]'", file=sys.stderr)
         return 2
     return 0
 

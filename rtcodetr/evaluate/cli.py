@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError) as e:  # OSError: missing files, ModelLoadError
         print(f"rtcodetr evaluate: error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # an .onnx model without the [deploy] extra (onnx, onnxruntime)
+        print(f"rtcodetr evaluate: error: {e}; .onnx models need: pip install -e '.[deploy]'", file=sys.stderr)
+        return 2
     if report.get("files"):
         print(f"rtcodetr evaluate: wrote {report['files']['report_md']}")
     return 0

@@ -376,6 +376,8 @@ class OnnxDetector(TransformersDetector):
         self._set_processing(processor, names, meta["family"], meta.get("architecture", "?"), label_map, imgsz)
         self.session = onnx_session(path, str(self.device), provider, half)
         self.providers = list(self.session.get_providers())
+        if self.providers == [ORT_PROVIDERS["cpu"]]:  # onnx_provider=cpu on a CUDA host: inputs stay on the host
+            self.device = torch.device("cpu")
         self.runtime = "tensorrt" if self.providers[0] == ORT_PROVIDERS["tensorrt"] else "onnxruntime"
         self.trt_fp16 = bool(half and self.runtime == "tensorrt")
         # The graph's inputs/outputs are fp32 (an fp16 graph casts inside), so the processor and post-processor run
