@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	# torch first, pinned: the CUDA build served from this machine's disk (also what Kaggle-style GPUs run)
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -e ".[yolo,dev]"
+	$(PY) -m pip install -e ".[yolo,dev,deploy]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache-teacher": ("rtcodetr.cache_teacher.cli", "run the teacher once and cache its outputs (also: info, verify, export)"),
     "train": ("rtcodetr.train_student.train", "train a student (or fine-tune the teacher); same as python -m rtcodetr.train_student"),
     "evaluate": ("rtcodetr.evaluate.cli", "COCO mAP, latency, params and FLOPs report for any set of models"),
+    "export": ("rtcodetr.export", "export a trained detector to ONNX (parity-checked in ONNX Runtime)"),
     "yolo": ("rtcodetr.evaluate.yolo", "train a YOLO11 baseline with ultralytics on a prepared dataset"),
     "demo": ("rtcodetr.demo", "the whole pipeline on the embedded synthetic set, on CPU"),
     "sweep": ("rtcodetr.sweep", "run ablation arms x seeds from one cache, evaluate, tabulate"),

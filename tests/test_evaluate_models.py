@@ -110,7 +110,8 @@ def test_cli_every_model_kind_on_synthetic(synthetic_data, tiny_model_dir, tmp_p
     assert oracle_e["params"] is None and oracle_e["latency_ms"] is None and "latency" not in oracle_e
     assert report["environment"]["versions"]["pycocotools"] and report["environment"]["device"] == "cpu"
     md = (out / "report.md").read_text()
-    assert "| model | mAP@.50:.95 | mAP@.50 |" in md and all(f"| {n}" in md for n in by_name)
+    assert "| model | runtime | mAP@.50:.95 | mAP@.50 |" in md and all(f"| {n}" in md for n in by_name)
+    assert [by_name[n]["runtime"] for n in by_name] == ["pytorch", "pytorch", "pytorch", None]
     assert "GFLOPs = 2 x GMACs" in md and "conf 0.001, IoU 0.7, max_det 300" in md
     png = (out / "plot.png").read_bytes()
     assert png.startswith(PNG_MAGIC)

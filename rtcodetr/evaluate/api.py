@@ -17,7 +17,6 @@ import torch
 from tqdm.auto import tqdm
 
 from rtcodetr.evaluate.coco_eval import CocoEvaluator
-from rtcodetr.evaluate.complexity import count_flops
 from rtcodetr.evaluate.detectors import YOLO_SETTINGS, Detector, PredictionsFile, load_detector
 from rtcodetr.evaluate.latency import time_callable
 
@@ -35,11 +34,12 @@ class EvalConfig:
 
     data: str = ""                                   # prepared dataset directory
     split: str = "val"
-    models: dict[str, str] = field(default_factory=dict)       # name -> save_pretrained dir | .pt | .yaml
+    models: dict[str, str] = field(default_factory=dict)       # name -> save_pretrained dir | .onnx | .pt | .yaml
     predictions: dict[str, str] = field(default_factory=dict)  # name -> COCO results json (accuracy only)
     out: str = ""                                    # report directory
     device: str = "cpu"
-    half: bool = False                               # fp16 (CUDA only)
+    half: bool = False                               # fp16 (CUDA only; ONNX graphs: TensorRT fp16 kernels)
+    onnx_provider: str = "auto"                      # .onnx graphs: auto | tensorrt | cuda | cpu (see onnx_providers)
     imgsz: int | None = None                         # see TransformersDetector / UltralyticsDetector
     batch_size: int = 4
     draft_size: int | None = None                    # JPEG draft decoding (faster on 10 MP photos); boxes mapped back
@@ -74,7 +74,7 @@ def _environment(device: str) -> dict[str, Any]:
 
     versions = {}
     for pkg in ("rtcodetr", "torch", "torchvision", "transformers", "accelerate", "ultralytics", "pycocotools",
-                "numpy"):
+                "numpy", "onnx", "onnxruntime", "onnxruntime-gpu"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -152,13 +152,13 @@ def measure_model(detector: Detector, image: Any, cfg: EvalConfig) -> dict[str, 
     result: dict[str, Any] = {"input_hw": list(size)}
     inputs = detector.forward_input(image, size)
     if cfg.complexity:
-        comp = count_flops(lambda: detector.forward(inputs), detector.module(), size)
-        result["complexity"] = comp.to_dict()
+        result["complexity"] = detector.complexity(inputs, size)
     if cfg.latency:
         dev = detector.device
         result["latency"] = {
+            # CUDA events time torch's stream; ONNX Runtime runs on its own and returns when done: wall clock
             "forward": time_callable(lambda: detector.forward(inputs), device=dev, warmup=cfg.warmup,
-                                     iterations=cfg.iterations, cuda_events=True).to_dict(),
+                                     iterations=cfg.iterations, cuda_events=detector.runtime == "pytorch").to_dict(),
             "end_to_end": time_callable(lambda: detector.predict_at([image], size), device=dev, warmup=cfg.warmup,
                                         iterations=cfg.iterations).to_dict(),
         }
@@ -181,7 +181,10 @@ def protocol_text(cfg: EvalConfig) -> dict[str, str]:
             "timed iterations; median, p90, mean ± std in ms; 'forward' = network only on a ready input tensor "
             "(CUDA events on GPU); 'end-to-end' = image processor / letterbox from a decoded PIL image + forward + "
             "post-processing / NMS (wall clock, CUDA synchronised on GPU); image decoding excluded; "
-            f"device {cfg.device}, {'fp16' if cfg.half else 'fp32'}, torch threads {torch.get_num_threads()}"
+            f"device {cfg.device}, {'fp16' if cfg.half else 'fp32'}, torch threads {torch.get_num_threads()}; "
+            "ONNX graphs (runtime onnxruntime / tensorrt): the same processor and post-processor, the network run "
+            "by ONNX Runtime with as many intra-op threads as torch, input bound in place on the device, forward "
+            "timed by wall clock (the run returns when its outputs are ready)"
         ) if cfg.latency else "not measured (pass --latency)",
         "complexity": (
             "torch.utils.flop_counter.FlopCounterMode on one batch-1 forward at the 'input' size: counts 2 FLOPs "
@@ -241,13 +244,13 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             det: Detector = PredictionsFile(name, path, data.label_map)
         else:
             det = load_detector(path, device, cfg.half, label_map=data.label_map, name=name, imgsz=cfg.imgsz,
-                                yolo_settings=yolo_settings)
+                                yolo_settings=yolo_settings, provider=cfg.onnx_provider)
         evaluator = CocoEvaluator(coco_gt, data.label_map)
         evaluator.update(predict_split(det, dataset, my_indices, cfg.batch_size, progress=main))
         evaluator.synchronize(state)
         metrics = evaluator.summarize()
-        entry: dict[str, Any] = {"name": name, "path": str(path), "kind": det.kind, "protocol": det.protocol(),
-                                 **metrics}
+        entry: dict[str, Any] = {"name": name, "path": str(path), "kind": det.kind, "runtime": det.runtime,
+                                 "protocol": det.protocol(), **metrics}
         entry["sanity"] = _ratio_flag(metrics)
         if isinstance(det, PredictionsFile):
             outside = det.image_ids() - {int(i) for i in dataset.image_ids[:n]}

@@ -4,9 +4,10 @@
         [--predictions NAME=RESULTS.json ...] --out REPORT_DIR [--latency] [--device cpu|cuda] [--imgsz 640] [--half]
         [--config eval.yaml] [key=value ...]
 
-PATH is a ``save_pretrained`` object-detection directory or an ultralytics ``.pt``/``.yaml``. Remaining settings of
-:class:`rtcodetr.evaluate.api.EvalConfig` (``batch_size``, ``iterations``, ``max_images``, ``draft_size`` …) are
-``key=value`` words. Runs unchanged under ``accelerate launch -m rtcodetr.evaluate`` (images sharded across processes).
+PATH is a ``save_pretrained`` object-detection directory, a graph written by ``rtcodetr export`` (``.onnx``, run by
+ONNX Runtime with the same pre/post-processing; ``onnx_provider=auto|tensorrt|cuda|cpu``) or an ultralytics
+``.pt``/``.yaml``/``.onnx``. Remaining settings of :class:`rtcodetr.evaluate.api.EvalConfig` (``batch_size``,
+``iterations``, ``max_images``, ``draft_size`` …) are ``key=value`` words. Runs unchanged under ``accelerate launch -m rtcodetr.evaluate`` (images sharded across processes).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of EvalConfig settings (flags and key=value override it)")
     p.add_argument("--data", help="prepared dataset directory")
     p.add_argument("--split", help="split to evaluate (default val)")
-    p.add_argument("--model", action="append", metavar="NAME=PATH", help="a model to evaluate (repeatable)")
+    p.add_argument("--model", action="append", metavar="NAME=PATH",
+                   help="a model to evaluate: save_pretrained dir, exported .onnx, YOLO .pt/.yaml (repeatable)")
     p.add_argument("--predictions", action="append", metavar="NAME=RESULTS.json",
                    help="a COCO detection-results file from another tool (accuracy only; repeatable)")
     p.add_argument("--out", help="report directory")
@@ -67,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run(cfg)
     except (ConfigError, ValueError, OSError) as e:  # OSError: missing files, ModelLoadError
         print(f"rtcodetr evaluate: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # an .onnx model without the [deploy] extra (onnx, onnxruntime)
+        print(f"rtcodetr evaluate: error: {e}; .onnx models need: pip install -e '.[deploy]'", file=sys.stderr)
         return 2
     if report.get("files"):
         print(f"rtcodetr evaluate: wrote {report['files']['report_md']}")

@@ -40,6 +40,23 @@ def _lat(entry: dict, scope: str) -> str:
     return f"{s['median_ms']:.1f} (p90 {s['p90_ms']:.1f}; {s['mean_ms']:.1f} ± {s['std_ms']:.1f})"
 
 
+def _runtime(entry: dict) -> str:
+    return entry.get("runtime") or "—"
+
+
+def _speedup(entry: dict, models: list[dict]) -> str:
+    """End-to-end speed-up of an exported graph over its PyTorch source when both are in the report (else —)."""
+    source = ((entry.get("protocol") or {}).get("graph") or {}).get("source")
+    mine = entry.get("latency_ms")
+    if not source or not mine:
+        return "—"
+    for other in models:
+        if other.get("runtime") == "pytorch" and other.get("latency_ms") and \
+                Path(other["path"]).resolve() == Path(source).resolve():
+            return f"{other['latency_ms'] / mine:.2f}× vs {other['name']}"
+    return "—"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The human-readable report: main table, latency table, sanity flags, per-class AP, protocol, environment."""
     ds = report["dataset"]
@@ -47,15 +64,16 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation report — {ds.get('name') or Path(ds['root']).name}, split `{ds['split']}` "
              f"({ds['num_images']} images, {ds['num_labels']} classes)", ""]
     lines += [
-        "| model | mAP@.50:.95 | mAP@.50 | latency ms (e2e median) | params (M) | GFLOPs | GMACs | input | "
+        "| model | runtime | mAP@.50:.95 | mAP@.50 | latency ms (e2e median) | params (M) | GFLOPs | GMACs | input | "
         "AP S | AP M | AP L | AR@100 |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for e in models:
         params = e.get("params")
         hw = e.get("input_hw")
         lines.append(
-            f"| {e['name']}{' ⚠' if e.get('sanity', {}).get('flag') else ''} | {_pct(e['mAP'])} | {_pct(e['mAP50'])} "
+            f"| {e['name']}{' ⚠' if e.get('sanity', {}).get('flag') else ''} | {_runtime(e)} | {_pct(e['mAP'])} "
+            f"| {_pct(e['mAP50'])} "
             f"| {_num(e.get('latency_ms'), '.1f')} | {_num(params / 1e6 if params else None, '.2f')} "
             f"| {_num(e.get('gflops'), '.2f')} | {_num(e.get('gmacs'), '.2f')} | {f'{hw[0]}×{hw[1]}' if hw else '—'} "
             f"| {_pct(e['mAP_small'])} | {_pct(e['mAP_medium'])} | {_pct(e['mAP_large'])} | {_pct(e['AR100'])} |"
@@ -63,12 +81,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "AP in %, COCO protocol; FLOPs convention and uncounted ops below. — = not applicable / not measured.",
               ""]
     if any(e.get("latency") for e in models):
-        lines += ["## Latency (ms, batch 1)", "", "| model | input | forward: median (p90; mean ± std) | "
-                  "end-to-end: median (p90; mean ± std) |", "|---|---|---|---|"]
+        lines += ["## Latency (ms, batch 1)", "", "| model | runtime | input | forward: median (p90; mean ± std) | "
+                  "end-to-end: median (p90; mean ± std) | exported vs PyTorch (e2e) |", "|---|---|---|---|---|---|"]
         for e in models:
             if e.get("latency"):
                 hw = e["input_hw"]
-                lines.append(f"| {e['name']} | {hw[0]}×{hw[1]} | {_lat(e, 'forward')} | {_lat(e, 'end_to_end')} |")
+                lines.append(f"| {e['name']} | {_runtime(e)} | {hw[0]}×{hw[1]} | {_lat(e, 'forward')} "
+                             f"| {_lat(e, 'end_to_end')} | {_speedup(e, models)} |")
         lines.append("")
     flagged = [e for e in models if e.get("sanity", {}).get("flag")]
     lines += ["## Sanity", ""]
