@@ -28,12 +28,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rtcodetr.errors import InputError
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 ORIENTATIONS = ("raw", "exif")
 
 
-class PreparedDataError(ValueError):
+class PreparedDataError(ValueError, InputError):
     """A prepared dataset directory is missing, incomplete or inconsistent; the message names the file and field."""
 
 
