@@ -60,6 +60,10 @@ def paths(tmp_path_factory, synthetic_data, tiny_model_dir, small_cache) -> Path
     (tmp / "not_json.json").write_text("{not json")
     (tmp / "no_images.json").write_text(json.dumps({"annotations": [], "categories": []}))
     (tmp / "empty_dir").mkdir()
+    from rtcodetr.cache_teacher.storage import export_hdf5
+
+    h5 = export_hdf5(small_cache, tmp / "cache.h5", progress=False)
+    (tmp / "cut.h5").write_bytes(h5.read_bytes()[: h5.stat().st_size // 2])  # a download that stopped halfway
     return Paths(tmp, synthetic_data.root, model, cache, damaged, other)
 
 
@@ -102,6 +106,13 @@ CASES: dict[str, Case] = {
     "cache-teacher verify --full: truncated shard": Case(
         lambda p: ["cache-teacher", "verify", str(p.damaged), "--full"],
         r"shard 1 \(samples 4-7.*--redo-shards 1"),
+    "cache-teacher verify: truncated HDF5 export": Case(
+        lambda p: ["cache-teacher", "verify", str(p.tmp / "cut.h5")],
+        r"cut\.h5 cannot be opened as an HDF5 export .*truncated.*export it again"),
+    "train: truncated HDF5 export": Case(
+        lambda p: ["train", f"data={p.data}", f"model={p.model}", f"cache={p.tmp / 'cut.h5'}", "loss.feature_weight=1",
+                   f"out={p.tmp / 'r6'}", *TRAIN_COMMON],
+        r"cut\.h5 cannot be opened as an HDF5 export"),
     "cache-teacher: another teacher into an existing cache": Case(
         lambda p: ["cache-teacher", "--data", str(p.data), "--teacher", str(p.other_teacher), "--out", str(p.cache),
                    *CACHE_WORDS],

@@ -4,8 +4,7 @@ Writer: ``run(CacheConfig) -> dict`` (``rtcodetr cache-teacher``); reader: ``Tea
 ``verify``, ``export_hdf5``. Heavy imports (torch, transformers, accelerate) happen only when they are used.
 """
 from rtcodetr.cache_teacher.config import CacheConfig, GeometryConfig
-from rtcodetr.cache_teacher.integrity import CacheCorruptError
-from rtcodetr.cache_teacher.manifest import CacheMismatchError, CacheNotFoundError
+from rtcodetr.cache_teacher.manifest import CacheCorruptError, CacheMismatchError, CacheNotFoundError
 from rtcodetr.cache_teacher.reader import TeacherCache
 
 

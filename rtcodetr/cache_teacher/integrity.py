@@ -25,21 +25,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from rtcodetr.cache_teacher.manifest import CacheMismatchError
+from rtcodetr.cache_teacher.manifest import CacheCorruptError, CacheMismatchError
 from rtcodetr.cache_teacher.storage import ShardPlan, array_specs, is_hdf5, shard_object_key
-from rtcodetr.errors import InputError
 
 MAX_IDS_LISTED = 6
 MAX_SHARDS_LISTED = 10
-
-
-class CacheCorruptError(ValueError, InputError):
-    """Finished shards of a cache cannot be read; ``shards`` lists them, the message names their samples, image ids
-    and the command that recomputes them."""
-
-    def __init__(self, message: str, shards: Sequence[int] = ()):
-        super().__init__(message)
-        self.shards = [int(k) for k in shards]
 
 
 def _object_exists(array: Any, k: int) -> bool | None:

@@ -54,6 +54,15 @@ class CacheMismatchError(ValueError, InputError):
         self.field = field
 
 
+class CacheCorruptError(ValueError, InputError):
+    """Finished shards of a cache cannot be read; ``shards`` lists them, the message names their samples, image ids
+    and the command that recomputes them (see ``integrity.py``)."""
+
+    def __init__(self, message: str, shards: Iterable[int] = ()):
+        super().__init__(message)
+        self.shards = [int(k) for k in shards]
+
+
 class CacheNotFoundError(FileNotFoundError, InputError):
     """There is no teacher cache at the given path / URL."""
 

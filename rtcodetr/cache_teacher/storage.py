@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rtcodetr.cache_teacher.codecs import STORAGE_DTYPES, decode, encode
-from rtcodetr.cache_teacher.manifest import CacheMismatchError, CacheNotFoundError
+from rtcodetr.cache_teacher.manifest import CacheCorruptError, CacheMismatchError, CacheNotFoundError
 
 META_ARRAYS: dict[str, tuple[tuple[int, ...], np.dtype]] = {
     "valid": ((2,), np.dtype(np.int32)),
@@ -138,8 +138,13 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict | None:
 
         if not Path(url).is_file():
             return None
-        with h5py.File(url, "r") as f:
-            return json.loads(f.attrs["manifest"])
+        try:
+            with h5py.File(url, "r") as f:
+                return json.loads(f.attrs["manifest"])
+        except (OSError, KeyError) as e:  # truncated (a copy cut short), or not an export
+            raise CacheCorruptError(
+                f"teacher cache {url} cannot be opened as an HDF5 export ({e}): copy it again, or export it again "
+                f"from the zarr cache with `rtcodetr cache-teacher export ZARR_CACHE --to {url}`") from e
     try:
         group = open_group(url, "r", storage_options)
     except (FileNotFoundError, KeyError, ValueError) as e:  # zarr raises these for "no group here"
