@@ -273,6 +273,17 @@ def test_damaged_shard_is_named_by_verify_and_repaired_by_redo_shards(tmp_path, 
     # a read that reaches the damaged shard mid-epoch names it the same way
     with pytest.raises(CacheCorruptError, match=r"shard 1 \(samples 4-7.*--redo-shards 1"):
         TeacherCache(cache)[5]
+    # ... also from a DataLoader worker, whose re-raise wraps the worker's traceback into the message: the CLI's one
+    # line keeps only the original message
+    from rtcodetr.errors import one_line
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(TeacherCache(cache), [5]), batch_size=None,
+                                         num_workers=1)
+    with pytest.raises(CacheCorruptError) as e:
+        next(iter(loader))
+    assert "Original Traceback" in str(e.value)
+    assert one_line(e.value).startswith("teacher cache ") and "--redo-shards 1" in one_line(e.value)
+    assert "Traceback" not in one_line(e.value)
     mtime = (cache / "encoder" / "c" / "0" / "0" / "0" / "0").stat().st_mtime_ns
     assert cache_main([*fix[2:], "progress=false", "num_workers=0"]) == 0
     assert "shards [1, 3] are recomputed" in capsys.readouterr().err
@@ -298,3 +309,24 @@ def test_trainer_stops_before_its_first_step_on_a_damaged_cache(tmp_path, synthe
     assert rc == 2 and "Traceback" not in err
     assert "shard 2 (samples 8-11" in err and "--redo-shards 2" in err
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_float16_overflow_names_the_image_and_the_setting(tmp_path):
+    """A teacher map beyond float16's range (65504) is a config problem with a one-line fix, not a writer-thread
+    traceback: ConfigError (exit 2 from the CLI) naming the tensor, the image id and dtype=bfloat16."""
+    from rtcodetr.cache_teacher.storage import ShardWriter, create_cache, finished_shards
+    from rtcodetr.config import ConfigError
+
+    manifest = {"dataset": {"image_ids": [100, 101, 102, 103]},
+                "storage": {"samples_per_shard": 2, "compressor": {"name": "none", "level": 0}},
+                "tensors": {"encoder": {"shape": [2, 3, 3], "dtype": "float16", "scale": None}}}
+    group = create_cache(str(tmp_path / "c"), manifest, overwrite=False)
+    writer = ShardWriter(group, manifest)
+    meta = {"valid": np.full((2, 2), 3), "input_hw": np.full((2, 2), 96)}
+    writer.submit(np.arange(2), {"encoder": np.ones((2, 2, 3, 3), np.float32)}, {**meta, "image_id": [100, 101]})
+    big = np.ones((2, 2, 3, 3), np.float32)
+    big[1, 0, 0, 0] = 1e5
+    writer.submit(np.arange(2, 4), {"encoder": big}, {**meta, "image_id": [102, 103]})
+    with pytest.raises(ConfigError, match=r"'encoder' of image id 103 reaches 1e\+05, beyond float16.*dtype=bfloat16"):
+        writer.close()
+    assert finished_shards(group).tolist() == [True, False]

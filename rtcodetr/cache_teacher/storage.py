@@ -38,6 +38,8 @@ import numpy as np
 
 from rtcodetr.cache_teacher.codecs import STORAGE_DTYPES, decode, encode
 from rtcodetr.cache_teacher.manifest import CacheCorruptError, CacheMismatchError, CacheNotFoundError
+from rtcodetr.config import ConfigError
+from rtcodetr.errors import InputError
 
 META_ARRAYS: dict[str, tuple[tuple[int, ...], np.dtype]] = {
     "valid": ((2,), np.dtype(np.int32)),
@@ -271,8 +273,8 @@ class ShardWriter:
                 raise RuntimeError(f"cache writer closed with incomplete shards {sorted(self._buffers)}")
 
     def _raise_if_failed(self) -> None:
-        if isinstance(self._error, CacheWriteError):
-            raise CacheWriteError(str(self._error), self._error.shard) from self._error
+        if isinstance(self._error, (CacheWriteError, InputError)):  # already names the shard / the setting to change
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"teacher-cache writer thread failed: {self._error!r}") from self._error
 
@@ -331,8 +333,8 @@ class ShardWriter:
         amax = flat.max(axis=1)
         if (amax > F16_MAX).any():
             j = int(np.argmax(amax))
-            raise OverflowError(f"teacher output '{name}' of image id {int(np.asarray(image_ids)[j])} reaches "
-                                f"{amax[j]:.3g}, beyond float16 ({F16_MAX:.0f}); use dtype=bfloat16 or int8")
+            raise ConfigError(f"teacher output '{name}' of image id {int(np.asarray(image_ids)[j])} reaches "
+                              f"{amax[j]:.3g}, beyond float16 ({F16_MAX:.0f}); use dtype=bfloat16 or int8")
         tiny = (amax > 0) & (amax < F16_TINY)
         if tiny.any() and name not in self._warned:
             import warnings
