@@ -92,7 +92,7 @@ def test_two_processes_train_on_when_one_rank_has_no_boxes(tmp_path, synthetic_d
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rtcodetr.train_student",
            f"data={data}", f"model={model}", f"cache={cache}", f"out={out}", "max_steps=3", "cpu=true",
-           "loss.feature_weight=1", "loss.prediction_weight=1", "log_every=1",
+           "loss.feature_weight=1", "loss.prediction_weight=1", "log_every=1", "checkpoint_every=2",
            *[c.replace("batch_size=4", "batch_size=2") for c in COMMON], *NO_AUG]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
            "HF_HUB_OFFLINE": "1"}
@@ -103,6 +103,10 @@ def test_two_processes_train_on_when_one_rank_has_no_boxes(tmp_path, synthetic_d
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 3 and results["num_processes"] == 2
+    # both processes wrote their part of the checkpoint before it got its final name
+    ckpt = out / "checkpoints" / "step_2"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]
+    assert {"train_state.json", "random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ckpt.iterdir()}
     first = next(r for r in _rows(out) if r["type"] == "train")
     # denoising parts come from rank 0 alone at step 1 and are averaged over the ranks that have them
     assert np.isfinite(first["loss/det/loss_vfl_dn_0"]) and np.isfinite(first["loss/feature"])
