@@ -18,10 +18,12 @@ from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import yaml
 
+from rtcodetr.errors import InputError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, InputError):
     """A configuration key or value is invalid; the message names the key and its source."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rtcodetr.config import ConfigError, config_to_dict, load_config, save_config, split_overrides
+from rtcodetr.errors import BAD_INPUT, report_bad_input
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -266,8 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, key)
         if value:
             overrides.append(f"{key}={value}")
-    cfg = load_config(DemoConfig, args.config, overrides)
-    run(cfg)
+    try:
+        cfg = load_config(DemoConfig, args.config, overrides)
+        run(cfg)
+    except BAD_INPUT as e:
+        return report_bad_input("rtcodetr demo", e)
     return 0
 
 

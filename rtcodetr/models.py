@@ -44,11 +44,13 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from rtcodetr.errors import BAD_INPUT_EXIT, InputError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ModelLoadError(OSError):
+class ModelLoadError(OSError, InputError):
     """A model directory or hub id could not be loaded; the message says why and what to pass instead."""
 
 
@@ -639,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_model(args.preset, args.data, args.out, args.from_, seed=args.seed)
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         print(f"rtcodetr init-model: error: {e}", file=sys.stderr)
-        return 1
+        return BAD_INPUT_EXIT
     return 0
 
 

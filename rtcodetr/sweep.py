@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 
 from rtcodetr.config import ConfigError, config_to_dict, load_config, save_config, split_overrides
+from rtcodetr.errors import BAD_INPUT, report_bad_input
 
 
 @dataclass
@@ -228,8 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="sweep YAML (see configs/ablation.yaml); key=value overrides follow")
     args = parser.parse_args(flags)
-    cfg = load_config(SweepConfig, args.config, overrides)
-    run(cfg)
+    try:
+        cfg = load_config(SweepConfig, args.config, overrides)
+        run(cfg)
+    except BAD_INPUT as e:
+        return report_bad_input("rtcodetr sweep", e)
     return 0
 
 

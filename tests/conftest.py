@@ -60,3 +60,17 @@ def tiny_model_dir(tmp_path_factory, synthetic_data):
         return made[preset]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory, synthetic_data, tiny_model_dir):
+    """A finished teacher cache of the synthetic train split: rtdetr-tiny teacher at 128x128, 16 samples in 4 shards
+    of 4, float32 maps (a random-init teacher's maps are below float16's range). Copy it before damaging it."""
+    from rtcodetr.cache_teacher import CacheConfig, run
+    from rtcodetr.config import load_config
+
+    out = tmp_path_factory.mktemp("small_cache") / "cache"
+    run(load_config(CacheConfig, None, [
+        f"data={synthetic_data.root}", f"teacher={tiny_model_dir('rtdetr-tiny')}", f"out={out}", "samples_per_shard=4",
+        "batch_size=4", "num_workers=0", "progress=false", "dtype=float32", "geometry.size_hw=[128,128]"]))
+    return out

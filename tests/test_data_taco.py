@@ -114,7 +114,7 @@ def test_official_file_without_skip_missing_fails_with_count(taco_sample, tmp_pa
     rc = data_main(["taco", "--annotations", str(taco_sample["official"]), "--images", str(taco_sample["images"]),
                     "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2
     assert "1420 of 1500 images" in err and "batch_1/000006.jpg" in err and "--skip-missing" in err
     assert not (tmp_path / "o" / "dataset.json").exists()
 
@@ -288,7 +288,7 @@ def test_bad_records_name_file_record_and_field(small, mutate, match, capsys):
     ann = _coco(tmp_path, images, annotations)
     rc, _ = _prep(tmp_path, ann)
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2
     assert str(ann) in err
     import re
 
@@ -300,10 +300,10 @@ def test_bad_files(small, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert data_main(["taco", "--annotations", str(bad), "--images", str(tmp_path / "img"),
-                      "--out", str(tmp_path / "o")]) == 1
+                      "--out", str(tmp_path / "o")]) == 2
     assert f"{bad}: not valid JSON" in capsys.readouterr().err
     ann = _coco(tmp_path, images, annotations, categories=[{"id": 0, "name": "x"}, {"id": 0, "name": "y"}])
-    assert _prep(tmp_path, ann)[0] == 1
+    assert _prep(tmp_path, ann)[0] == 2
     assert "categories[1]: field 'id' 0 is repeated" in capsys.readouterr().err
 
 
@@ -313,11 +313,11 @@ def test_truncated_and_corrupt_images_are_named(small, capsys):
     p = tmp_path / "img" / "b" / "plain.jpg"
     full = p.read_bytes()
     p.write_bytes(full[: len(full) // 2])
-    assert _prep(tmp_path, ann)[0] == 1
+    assert _prep(tmp_path, ann)[0] == 2
     err = capsys.readouterr().err
     assert "b/plain.jpg" in err and "image id 3" in err and "truncated" in err
     p.write_bytes(b"\x00garbage" * 10)
-    assert _prep(tmp_path, ann, "--skip-missing")[0] == 1  # unreadable is never skipped silently
+    assert _prep(tmp_path, ann, "--skip-missing")[0] == 2  # unreadable is never skipped silently
     assert "b/plain.jpg" in capsys.readouterr().err
 
 
@@ -327,12 +327,12 @@ def test_missing_images_and_size_mismatch(small, capsys):
     annotations.append({"id": 9, "image_id": 9, "category_id": 0, "bbox": [0, 0, 2, 2]})
     images[3]["width"] = 33  # plain.jpg is 32x24 in either orientation
     ann = _coco(tmp_path, images, annotations)
-    assert _prep(tmp_path, ann)[0] == 1
+    assert _prep(tmp_path, ann)[0] == 2
     err = capsys.readouterr().err
     assert "1 of 5 images" in err and "gone/x.jpg" in err
     (tmp_path / "img" / "gone").mkdir()
     _jpeg(tmp_path / "img" / "gone" / "x.jpg", 5, 5)
-    assert _prep(tmp_path, ann)[0] == 1
+    assert _prep(tmp_path, ann)[0] == 2
     err = capsys.readouterr().err
     assert "b/plain.jpg (image id 3)" in err and "annotated size 33x24 matches neither" in err
     (tmp_path / "img" / "gone" / "x.jpg").unlink()
@@ -356,7 +356,7 @@ def test_check_command_reports_and_writes_nothing(small, capsys):
     p.write_bytes(p.read_bytes()[:200])
     ann = _coco(tmp_path, images, annotations)
     before = sorted(tmp_path.rglob("*"))
-    assert data_main(["check", "--annotations", str(ann), "--images", str(tmp_path / "img")]) == 1
+    assert data_main(["check", "--annotations", str(ann), "--images", str(tmp_path / "img")]) == 2
     out = capsys.readouterr().out
     assert "missing:" in out and "gone/x.jpg" in out and "b/plain.jpg" in out and "2 problem(s)" in out
     assert sorted(tmp_path.rglob("*")) == before

@@ -164,10 +164,10 @@ def test_cli_main_reports_bad_label_map(tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "label_map.json").write_text(json.dumps({"labels": [{"label": 0, "name": "a"}, {"label": 5, "name": "b"}]}))
-    assert models.main(["--preset", "rtdetr-tiny", "--data", str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert models.main(["--preset", "rtdetr-tiny", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "label_map.json" in err and "contiguous" in err
-    assert models.main(["--preset", "rtdetr-tiny", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    assert models.main(["--preset", "rtdetr-tiny", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "prepared dataset" in capsys.readouterr().err
 
 
@@ -227,7 +227,7 @@ def test_offline_hub_id_fails_fast_without_network(monkeypatch, tmp_path, data4,
     assert "pass a local model directory" in str(e.value)
     code = models.main(["--preset", "rtdetr-tiny", "--data", str(data4), "--out", str(tmp_path / "o"),
                         "--from", "rtcodetr-test/no-such-model"])
-    assert code == 1 and "offline" in capsys.readouterr().err
+    assert code == 2 and "offline" in capsys.readouterr().err
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(tmp_path / "missing_dir")
 

@@ -4,7 +4,7 @@ Writer: ``run(CacheConfig) -> dict`` (``rtcodetr cache-teacher``); reader: ``Tea
 ``verify``, ``export_hdf5``. Heavy imports (torch, transformers, accelerate) happen only when they are used.
 """
 from rtcodetr.cache_teacher.config import CacheConfig, GeometryConfig
-from rtcodetr.cache_teacher.manifest import CacheMismatchError
+from rtcodetr.cache_teacher.manifest import CacheCorruptError, CacheMismatchError, CacheNotFoundError
 from rtcodetr.cache_teacher.reader import TeacherCache
 
 
@@ -21,4 +21,5 @@ def main(argv=None) -> int:
     return _main(argv)
 
 
-__all__ = ["CacheConfig", "GeometryConfig", "CacheMismatchError", "TeacherCache", "run", "main"]
+__all__ = ["CacheConfig", "GeometryConfig", "CacheMismatchError", "CacheCorruptError", "CacheNotFoundError",
+           "TeacherCache", "run", "main"]

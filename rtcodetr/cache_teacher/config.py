@@ -52,4 +52,5 @@ class CacheConfig:
     writer_queue: int = 4  # batches waiting for the writer thread before the teacher blocks
     storage_options: dict = field(default_factory=dict)  # fsspec options for remote URLs
     progress: bool = True
+    redo_shards: list[int] = field(default_factory=list)  # recompute these shards of an existing cache (repair)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)

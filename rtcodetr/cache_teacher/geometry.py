@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rtcodetr.cache_teacher.config import GeometryConfig
+from rtcodetr.config import ConfigError
 
 STRIDE = 32  # both tapped maps (backbone, encoder) are at stride 32 of the padded input
 
@@ -46,32 +47,32 @@ def resolve_geometry(processor_geom: dict, cfg: GeometryConfig, sizes_hw: np.nda
     """
     mode = processor_geom["mode"] if cfg.mode == "auto" else cfg.mode
     if mode not in ("fixed", "shortest_edge"):
-        raise ValueError(f"geometry.mode must be auto, fixed or shortest_edge, got '{cfg.mode}'")
+        raise ConfigError(f"geometry.mode must be auto, fixed or shortest_edge, got '{cfg.mode}'")
     if cfg.box_reference not in ("padded", "unpadded"):
-        raise ValueError(f"geometry.box_reference must be 'padded' or 'unpadded', got '{cfg.box_reference}'")
+        raise ConfigError(f"geometry.box_reference must be 'padded' or 'unpadded', got '{cfg.box_reference}'")
     overridden = cfg.mode != "auto" or any(
         v is not None for v in (cfg.size_hw, cfg.shortest_edge, cfg.longest_edge, cfg.pad_hw))
     geom: dict[str, Any] = {"mode": mode}
     if mode == "fixed":
         size = cfg.size_hw or processor_geom.get("size_hw")
         if size is None:
-            raise ValueError("geometry.mode=fixed needs geometry.size_hw (the teacher's processor has no fixed size)")
+            raise ConfigError("geometry.mode=fixed needs geometry.size_hw (the teacher's processor has no fixed size)")
         geom["size_hw"] = [int(size[0]), int(size[1])]
     else:
         s = cfg.shortest_edge or processor_geom.get("shortest_edge")
         if s is None:
-            raise ValueError("geometry.mode=shortest_edge needs geometry.shortest_edge (the processor has none)")
+            raise ConfigError("geometry.mode=shortest_edge needs geometry.shortest_edge (the processor has none)")
         l = cfg.longest_edge if cfg.longest_edge is not None else processor_geom.get("longest_edge")
         geom["shortest_edge"], geom["longest_edge"] = int(s), (int(l) if l else None)
     resized = np.array([resize_hw(geom, h, w) for h, w in np.asarray(sizes_hw).reshape(-1, 2)], dtype=np.int64)
     if len(resized) == 0:
-        raise ValueError("the split has no images")
+        raise ConfigError("the split has no images")
     max_h, max_w = int(resized[:, 0].max()), int(resized[:, 1].max())
     m = int(cfg.pad_multiple)
     if cfg.pad_hw is not None:
         pad = [int(cfg.pad_hw[0]), int(cfg.pad_hw[1])]
         if pad[0] < max_h or pad[1] < max_w:
-            raise ValueError(f"geometry.pad_hw {pad} is smaller than the largest resized image {[max_h, max_w]}")
+            raise ConfigError(f"geometry.pad_hw {pad} is smaller than the largest resized image {[max_h, max_w]}")
     else:
         pad = [_round_up(max_h, m), _round_up(max_w, m)]
     geom["input_hw"] = pad

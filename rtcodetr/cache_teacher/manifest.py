@@ -25,6 +25,8 @@ import hashlib
 import json
 from typing import Any, Iterable
 
+from rtcodetr.errors import InputError
+
 FORMAT = "rtcodetr-teacher-cache"
 FORMAT_VERSION = 1
 
@@ -46,12 +48,30 @@ WRITE_CHECKED: tuple[str, ...] = (
 )
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(ValueError, InputError):
     """A cache does not fit what it is used with; ``field`` is the dotted manifest field that differs."""
 
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+class CacheCorruptError(ValueError, InputError):
+    """Finished shards of a cache cannot be read; ``shards`` lists them, the message names their samples, image ids
+    and the command that recomputes them (see ``integrity.py``)."""
+
+    def __init__(self, message: str, shards: Iterable[int] = ()):
+        super().__init__(message)
+        self.shards = [int(k) for k in shards]
+
+
+class CacheNotFoundError(FileNotFoundError, InputError):
+    """There is no teacher cache at the given path / URL."""
+
+    def __init__(self, url: str):
+        super().__init__(f"no teacher cache at {url} (no zarr group or HDF5 export there); make one with "
+                         f"`rtcodetr cache-teacher --data DATA --teacher MODEL --out {url}`")
+        self.url = url
 
 
 def sha256_json(obj: Any) -> str:

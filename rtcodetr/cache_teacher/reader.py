@@ -16,6 +16,7 @@ import numpy as np
 from rtcodetr.cache_teacher.manifest import (
     FORMAT,
     CacheMismatchError,
+    CacheNotFoundError,
     check_fields,
     label_map_entries,
 )
@@ -58,7 +59,7 @@ class TeacherCache:
         self.storage_options = storage_options
         manifest = read_manifest(self.path, storage_options)
         if manifest is None:
-            raise FileNotFoundError(f"no teacher cache at {self.path}")
+            raise CacheNotFoundError(self.path)
         if manifest.get("format") != FORMAT:
             raise CacheMismatchError(f"{self.path}: manifest field 'format' is {manifest.get('format')!r}, "
                                      f"expected {FORMAT!r}", field="format")
@@ -141,7 +142,13 @@ class TeacherCache:
             raise CacheMismatchError(
                 f"{self.path}: sample {i} (image id {int(self._ids[i])}) lies in shard {k}, which is not finished; "
                 "rerun the cache-teacher command to complete the cache", field="shard_done")
-        out = read_sample(self._source, self.manifest, i, self.tensors)
+        try:
+            out = read_sample(self._source, self.manifest, i, self.tensors)
+        except Exception as e:  # noqa: BLE001 -- a read that fails mid-epoch is a damaged shard: name it and the fix
+            from rtcodetr.cache_teacher.integrity import corrupt_cache_error
+
+            what = f"sample {i} (image id {int(self._ids[i])}): {type(e).__name__}: {' '.join(str(e).split())}"
+            raise corrupt_cache_error(self.path, self.manifest, {k: [what]}) from e
         if int(out["image_id"]) != int(self._ids[i]):
             raise CacheMismatchError(f"{self.path}: sample {i} holds image id {int(out['image_id'])} but the manifest "
                                      f"says {int(self._ids[i])}", field="image_id")
@@ -155,6 +162,16 @@ class TeacherCache:
             raise CacheMismatchError(
                 f"{self.path}: {int((~done).sum())} of {done.size} shards are not finished (first: "
                 f"{int(np.argmin(done))}); rerun the cache-teacher command to complete it", field="shard_done")
+
+    def check_integrity(self, *, full: bool = False, progress: bool = False) -> None:
+        """Raise ``CacheMismatchError`` if a shard is unfinished, ``CacheCorruptError`` (naming shards, samples,
+        image ids and the ``--redo-shards`` command) if a finished shard of the tensors this reader reads cannot be
+        read. ``full=False`` checks each shard object and its checksummed index (one sample read per shard and
+        array); ``full=True`` reads every sample. See ``rtcodetr.cache_teacher.integrity``."""
+        from rtcodetr.cache_teacher.integrity import check_cache_integrity
+
+        arrays = [*self.tensors, *(self.manifest["tensors"][t].get("scale") or t for t in self.tensors)]
+        check_cache_integrity(self.path, self._source, self.manifest, arrays=arrays, full=full, progress=progress)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -32,16 +32,19 @@ from rtcodetr.cache_teacher.manifest import (
     label_map_sha256,
 )
 from rtcodetr.cache_teacher.storage import (
+    DONE_ARRAY,
     ShardPlan,
     ShardWriter,
     compressor_spec,
     create_cache,
+    delete_shard_objects,
     finished_shards,
     is_hdf5,
     open_group,
     read_manifest,
 )
 from rtcodetr.cache_teacher.teacher import FEATURE_NAMES, TENSOR_NAMES, Teacher
+from rtcodetr.config import ConfigError
 
 
 def _log(msg: str, main: bool) -> None:
@@ -50,23 +53,29 @@ def _log(msg: str, main: bool) -> None:
 
 
 def check_config(cfg: CacheConfig) -> None:
-    """Reject an unusable config before anything is loaded (message names the key)."""
+    """Reject an unusable config before anything is loaded (``ConfigError`` naming the key)."""
     for key in ("data", "teacher", "out"):
         if not getattr(cfg, key):
-            raise ValueError(f"config key '{key}' is required (--{key} or {key}=...)")
+            raise ConfigError(f"config key '{key}' is required (--{key} or {key}=...)")
     if is_hdf5(cfg.out):
-        raise ValueError(f"out={cfg.out}: the job writes zarr; make an HDF5 copy afterwards with "
-                         "`rtcodetr cache-teacher export CACHE --to FILE.h5`")
+        raise ConfigError(f"out={cfg.out}: the job writes zarr; make an HDF5 copy afterwards with "
+                          "`rtcodetr cache-teacher export CACHE --to FILE.h5`")
     unknown = [t for t in cfg.tensors if t not in TENSOR_NAMES]
     if unknown or not cfg.tensors or len(set(cfg.tensors)) != len(cfg.tensors):
-        raise ValueError(f"config key 'tensors': {list(cfg.tensors)} must be distinct names from {list(TENSOR_NAMES)}")
-    for name in cfg.tensors:
-        is_map = name in FEATURE_NAMES
-        check_dtype(name, cfg.dtype if is_map else cfg.prediction_dtype, is_map=is_map)
-    compressor_spec(cfg.compressor, cfg.compression_level)
+        raise ConfigError(f"config key 'tensors': {list(cfg.tensors)} must be distinct names from "
+                          f"{list(TENSOR_NAMES)}")
+    try:
+        for name in cfg.tensors:
+            is_map = name in FEATURE_NAMES
+            check_dtype(name, cfg.dtype if is_map else cfg.prediction_dtype, is_map=is_map)
+        compressor_spec(cfg.compressor, cfg.compression_level)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for key in ("samples_per_shard", "batch_size"):
         if getattr(cfg, key) < 1:
-            raise ValueError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
+            raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
+    if cfg.redo_shards and cfg.overwrite:
+        raise ConfigError("redo_shards and overwrite exclude each other (overwrite recomputes every shard)")
 
 
 def probe_shapes(teacher: Teacher, tensors: list[str], geometry: dict) -> dict[str, list[int]]:
@@ -118,6 +127,7 @@ def build_manifest(cfg: CacheConfig, teacher: Teacher, data, geometry: dict, sha
         geometry["feature_hw"] = shapes[maps[0]][-2:]
     recorded = config_to_dict(cfg)
     recorded.pop("storage_options", None)  # may hold credentials
+    recorded.pop("redo_shards", None)  # a repair of one run, not a property of the cache
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -193,6 +203,21 @@ def run(cfg: CacheConfig, *, on_shard_written: Callable[[int], None] | None = No
             check_fields(existing, manifest, WRITE_CHECKED,
                          what=f"refusing to write into the existing cache {out} (use --overwrite to replace it)",
                          existing_name="the cache", expected_name="this run")
+        if cfg.redo_shards:
+            redo = sorted(set(cfg.redo_shards))
+            num_shards = manifest["storage"]["num_shards"]
+            if existing is None:
+                raise ConfigError(f"redo_shards={redo}: there is no cache at {out} to repair")
+            if redo[0] < 0 or redo[-1] >= num_shards:
+                raise ConfigError(f"redo_shards={redo}: the cache has shards 0..{num_shards - 1}")
+            # Marker first (a kill in between leaves an unfinished shard, never a finished one with missing data),
+            # then the damaged objects, which zarr would read back even to overwrite them whole. The loop below
+            # rewrites unfinished shards whole; every object touched here belongs to shard k alone.
+            repair = open_group(out, "r+", so)
+            for k in redo:
+                repair[DONE_ARRAY][k] = 0
+                delete_shard_objects(repair, existing, k)
+            _log(f"--redo-shards: shards {redo} are recomputed", main)
         if existing is None or cfg.overwrite:
             if existing is not None:
                 _log(f"--overwrite: replacing the cache at {out}", main)
@@ -219,7 +244,8 @@ def run(cfg: CacheConfig, *, on_shard_written: Callable[[int], None] | None = No
         pin_memory=accelerator.device.type == "cuda",
         multiprocessing_context="fork" if cfg.num_workers > 0 and sys.platform == "linux" else None,
     )
-    writer = ShardWriter(group, manifest, max_pending=cfg.writer_queue, on_shard_written=on_shard_written)
+    writer = ShardWriter(group, manifest, max_pending=cfg.writer_queue, on_shard_written=on_shard_written,
+                         url=str(out))
     t0 = time.perf_counter()
     bar = tqdm(total=n_images, unit="img", desc=f"cache {cfg.split}", disable=not (main and cfg.progress))
     try:

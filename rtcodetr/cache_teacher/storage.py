@@ -37,7 +37,9 @@ from typing import Any, Callable
 import numpy as np
 
 from rtcodetr.cache_teacher.codecs import STORAGE_DTYPES, decode, encode
-from rtcodetr.cache_teacher.manifest import CacheMismatchError
+from rtcodetr.cache_teacher.manifest import CacheCorruptError, CacheMismatchError, CacheNotFoundError
+from rtcodetr.config import ConfigError
+from rtcodetr.errors import InputError
 
 META_ARRAYS: dict[str, tuple[tuple[int, ...], np.dtype]] = {
     "valid": ((2,), np.dtype(np.int32)),
@@ -138,17 +140,23 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict | None:
 
         if not Path(url).is_file():
             return None
-        with h5py.File(url, "r") as f:
-            return json.loads(f.attrs["manifest"])
+        try:
+            with h5py.File(url, "r") as f:
+                return json.loads(f.attrs["manifest"])
+        except (OSError, KeyError) as e:  # truncated (a copy cut short), or not an export
+            raise CacheCorruptError(
+                f"teacher cache {url} cannot be opened as an HDF5 export ({e}): copy it again, or export it again "
+                f"from the zarr cache with `rtcodetr cache-teacher export ZARR_CACHE --to {url}`") from e
     try:
         group = open_group(url, "r", storage_options)
     except (FileNotFoundError, KeyError, ValueError) as e:  # zarr raises these for "no group here"
         if "://" not in str(url) and Path(url).exists() and any(Path(url).iterdir()):
-            raise ValueError(f"{url} exists but is not a zarr v3 group ({e})") from e
+            raise CacheMismatchError(f"{url} exists but is not a zarr v3 group ({e})", field="format") from e
         return None
     manifest = group.attrs.get("manifest")
     if manifest is None:
-        raise ValueError(f"{url} is a zarr group without a teacher-cache manifest; refusing to use it")
+        raise CacheMismatchError(f"{url} is a zarr group without a teacher-cache manifest; refusing to use it",
+                                 field="manifest")
     return dict(manifest)
 
 
@@ -177,9 +185,35 @@ def create_cache(url: str, manifest: dict, *, overwrite: bool, storage_options: 
     return group
 
 
+def shard_object_key(array, k: int) -> str:
+    """Store key of the object that holds shard ``k`` (samples ``[k*S, (k+1)*S)``) of a zarr ``array``: one object
+    per shard for the sharded per-sample arrays, one chunk of S samples for the small ones."""
+    key = array.metadata.encode_chunk_key((k,) + (0,) * (array.ndim - 1))
+    return f"{array.store_path.path}/{key}" if array.store_path.path else key
+
+
+def delete_shard_objects(group, manifest: dict, k: int) -> None:
+    """Remove shard ``k``'s object from every array (before recomputing a damaged shard: zarr reads an existing
+    shard object even to overwrite it whole, and a truncated one fails its checksum)."""
+    from zarr.core.sync import sync
+
+    for name in array_specs(manifest):
+        array = group[name]
+        sync(array.store.delete(shard_object_key(array, k)))
+
+
 def finished_shards(group) -> np.ndarray:
     """bool ``[num_shards]``: which shards carry a finished marker."""
     return np.asarray(group[DONE_ARRAY][:]).astype(bool)
+
+
+class CacheWriteError(OSError):
+    """Storing a shard failed (disk full, object store error); ``shard`` is the shard that was being written. Not
+    bad input: finished shards keep their markers and rerunning the same command resumes."""
+
+    def __init__(self, message: str, shard: int):
+        super().__init__(message)
+        self.shard = shard
 
 
 class ShardWriter:
@@ -194,11 +228,12 @@ class ShardWriter:
     _STOP = object()
 
     def __init__(self, group, manifest: dict, *, max_pending: int = 4,
-                 on_shard_written: Callable[[int], None] | None = None):
+                 on_shard_written: Callable[[int], None] | None = None, url: str = "the cache"):
         self.manifest = manifest
         self.plan = ShardPlan(len(manifest["dataset"]["image_ids"]), manifest["storage"]["samples_per_shard"])
         self.specs = array_specs(manifest)
         self.arrays = {name: group[name] for name in self.specs}
+        self.url = url
         self.done = group[DONE_ARRAY]
         self.on_shard_written = on_shard_written
         self.shards_written: list[int] = []
@@ -238,6 +273,8 @@ class ShardWriter:
                 raise RuntimeError(f"cache writer closed with incomplete shards {sorted(self._buffers)}")
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self._error, (CacheWriteError, InputError)):  # already names the shard / the setting to change
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"teacher-cache writer thread failed: {self._error!r}") from self._error
 
@@ -296,8 +333,8 @@ class ShardWriter:
         amax = flat.max(axis=1)
         if (amax > F16_MAX).any():
             j = int(np.argmax(amax))
-            raise OverflowError(f"teacher output '{name}' of image id {int(np.asarray(image_ids)[j])} reaches "
-                                f"{amax[j]:.3g}, beyond float16 ({F16_MAX:.0f}); use dtype=bfloat16 or int8")
+            raise ConfigError(f"teacher output '{name}' of image id {int(np.asarray(image_ids)[j])} reaches "
+                              f"{amax[j]:.3g}, beyond float16 ({F16_MAX:.0f}); use dtype=bfloat16 or int8")
         tiny = (amax > 0) & (amax < F16_TINY)
         if tiny.any() and name not in self._warned:
             import warnings
@@ -312,7 +349,12 @@ class ShardWriter:
         bufs, _ = self._buffers.pop(k)
         start, end = self.plan.bounds(k)
         for name, buf in bufs.items():
-            self.arrays[name][start:end] = buf
+            try:
+                self.arrays[name][start:end] = buf
+            except Exception as e:  # noqa: BLE001 -- a full disk, a failed PUT: say which shard, keep the rest
+                raise CacheWriteError(
+                    f"writing shard {k} (samples {start}-{end - 1}) of array '{name}' to {self.url} failed: "
+                    f"{type(e).__name__}: {e}", shard=k) from e
         self.done[k] = 1  # only after every array of the shard is in the store
         self.shards_written.append(k)
         if self.on_shard_written is not None:
@@ -440,7 +482,7 @@ def export_hdf5(url: str, out: str | os.PathLike, *, storage_options: dict | Non
     out = Path(out)
     manifest = read_manifest(url, storage_options)
     if manifest is None:
-        raise FileNotFoundError(f"no teacher cache at {url}")
+        raise CacheNotFoundError(str(url))
     src = ZarrSource(url, storage_options)
     done = src.finished()
     if not done.all():

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from rtcodetr.cache_teacher.codecs import cosine
-from rtcodetr.cache_teacher.manifest import CacheMismatchError
+from rtcodetr.cache_teacher.manifest import CacheMismatchError, CacheNotFoundError
 from rtcodetr.cache_teacher.storage import ShardPlan, array_specs, open_source, read_manifest
 
 
@@ -20,7 +20,7 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
     """
     manifest = read_manifest(url, storage_options)
     if manifest is None:
-        raise FileNotFoundError(f"no teacher cache at {url}")
+        raise CacheNotFoundError(url)
     src = open_source(url, storage_options)
     plan = ShardPlan(len(manifest["dataset"]["image_ids"]), int(manifest["storage"]["samples_per_shard"]))
     done = src.finished()
@@ -104,7 +104,9 @@ def verify(url: str, teacher: str, *, samples: int = 8, data: str | None = None,
     m = cache.manifest
     data = data or m["config"].get("data")
     if not data:
-        raise ValueError("the manifest records no dataset directory; pass --data")
+        from rtcodetr.config import ConfigError
+
+        raise ConfigError(f"{url}: the manifest records no dataset directory; pass --data")
     cache.check_dataset(data, m["dataset"]["split"])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t = Teacher(teacher, dev, "no")

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from rtcodetr.errors import BAD_INPUT, BAD_INPUT_EXIT, report_bad_input
+
 MAX_MISSING_PRINTED = 20
 
 
@@ -82,8 +84,8 @@ def _summary(data) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (errors in the input data print one clear message and return 1, or 2
-    for ``add-images``)."""
+    """Entry point; returns the exit status (errors in the input data print one clear message and return 2; ``check``
+    returns 2 when it finds problems)."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     from rtcodetr.data.coco import DatasetError
     from rtcodetr.data.dataset import ImageDecodeError
@@ -93,7 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except (DatasetError, PreparedDataError, ImageDecodeError) as e:
         print(f"rtcodetr data {args.command}: error: {e}", file=sys.stderr)
-        return 2 if args.command == "add-images" else 1
+        return BAD_INPUT_EXIT
+    except BAD_INPUT as e:  # e.g. --annotations or --images that do not exist
+        return report_bad_input(f"rtcodetr data {args.command}", e)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -126,7 +130,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if len(missing) > MAX_MISSING_PRINTED:
             print(f"problem: ... and {len(missing) - MAX_MISSING_PRINTED} more missing images")
         print(f"{len(problems)} problem(s)" if problems else "no problems found")
-        return 1 if problems else 0
+        return BAD_INPUT_EXIT if problems else 0
     if args.command == "yolo":
         from rtcodetr.data.yolo import export_yolo
 

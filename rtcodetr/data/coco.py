@@ -41,12 +41,13 @@ from tqdm.auto import tqdm
 from rtcodetr.config import config_to_dict
 from rtcodetr.data.dataset import EXIF_ORIENTATION, ImageDecodeError, decode_image
 from rtcodetr.data.prepared import LabelMap, PreparedData, SplitRecords, safe_relative_path, sha256_file, write_prepared
+from rtcodetr.errors import InputError
 
 SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that transpose the image
 MAX_LISTED = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(ValueError, InputError):
     """The source dataset cannot be prepared; the message names the file, the record and the field."""
 
 

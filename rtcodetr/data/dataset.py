@@ -21,12 +21,13 @@ from PIL import Image, ImageOps
 
 from rtcodetr.data.boxes import coco_xywh_to_xyxy
 from rtcodetr.data.prepared import PreparedData, safe_relative_path
+from rtcodetr.errors import InputError
 
 
 EXIF_ORIENTATION = 0x0112
 
 
-class ImageDecodeError(OSError):
+class ImageDecodeError(OSError, InputError):
     """An image file cannot be opened or fully decoded; the message names the file (and image id)."""
 
 

@@ -38,6 +38,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rtcodetr.errors import InputError
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 ORIENTATIONS = ("raw", "exif")
@@ -46,7 +48,7 @@ SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 RESERVED_SPLIT_NAMES = ("dataset", "label_map", "report")
 
 
-class PreparedDataError(ValueError):
+class PreparedDataError(ValueError, InputError):
     """A prepared dataset directory is missing, incomplete or inconsistent; the message names the file and field."""
 
 

@@ -69,6 +69,24 @@ def keep_torch_threads():
             torch.set_num_threads(n)
 
 
+def open_yolo(spec: str):
+    """``ultralytics.YOLO(spec, task="detect")`` for a ``.pt`` checkpoint or ``.yaml`` definition; a file that is not
+    an ultralytics detection model (another framework's ``.pt``, a truncated download) raises ``ModelLoadError``
+    naming the file instead of ultralytics' internal error."""
+    from ultralytics import YOLO
+
+    from rtcodetr.models import ModelLoadError
+
+    try:
+        yolo = YOLO(spec, task="detect")
+    except Exception as e:  # noqa: BLE001 -- ultralytics raises TypeError/KeyError/ValueError/... by file kind
+        detail = " ".join(str(e).replace("ERROR ❌️", "").split()) or type(e).__name__
+        raise ModelLoadError(f"{spec}: not an ultralytics YOLO checkpoint or model definition ({detail[:300]})") from e
+    if getattr(yolo, "task", "detect") != "detect":
+        raise ModelLoadError(f"{spec}: an ultralytics '{yolo.task}' model, not a detector")
+    return yolo
+
+
 def _check_device(device: str, half: bool) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -441,7 +459,6 @@ class UltralyticsDetector(Detector):
                  imgsz: int | None = None, settings: Mapping[str, Any] | None = None) -> None:
         super().__init__(name, path, device, half)
         ultralytics_offline_env()
-        from ultralytics import YOLO
 
         self.settings = {**YOLO_SETTINGS, **(settings or {})}
         spec = str(path)
@@ -453,7 +470,7 @@ class UltralyticsDetector(Detector):
             raise FileNotFoundError(f"YOLO checkpoint {spec} not found (ultralytics would try to download it)")
         # A .pt is a pickle that ultralytics loads with its own torch.load (weights_only=False): only evaluate
         # checkpoints you trained or trust, as with any ultralytics checkpoint.
-        self.yolo = YOLO(spec, task="detect")
+        self.yolo = open_yolo(spec)
         if is_yaml:
             if label_map is None:
                 raise ValueError(f"{spec}: building a YOLO model from a yaml needs the dataset's label map")

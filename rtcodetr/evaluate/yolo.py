@@ -21,7 +21,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from rtcodetr.evaluate.detectors import keep_torch_threads, ultralytics_offline_env
+from rtcodetr.errors import BAD_INPUT, report_bad_input
+from rtcodetr.evaluate.detectors import keep_torch_threads, open_yolo, ultralytics_offline_env
 
 
 def _default_device() -> str:
@@ -70,6 +71,7 @@ def train_yolo(data: str | Path, model: str | Path, out: str | Path, *, epochs: 
 
     from ultralytics import YOLO
 
+    yolo = open_yolo(spec)  # before anything is trained: a .pt that is not a YOLO detector is named here
     device = str(device if device is not None else _default_device())
     on_cpu = device == "cpu"
     args: dict[str, Any] = {
@@ -82,7 +84,6 @@ def train_yolo(data: str | Path, model: str | Path, out: str | Path, *, epochs: 
     elif on_cpu:
         args["workers"] = 0  # forked loaders only compete with the training process for CPU cores
     args.update(overrides)
-    yolo = YOLO(spec, task="detect")
     with keep_torch_threads():  # ultralytics lowers torch's thread count for the whole process on CPU
         yolo.train(**args)
     trainer = yolo.trainer
@@ -122,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"'{key}=' is set by the wrapper (use --data / --out)")
     try:
         weights = train_yolo(args.data, args.model, args.out, **overrides)
-    except (FileNotFoundError, ValueError) as e:
+    except BAD_INPUT as e:
+        return report_bad_input("rtcodetr yolo train", e)
+    except ValueError as e:  # a dataset whose export does not match its label map
         print(f"rtcodetr yolo train: error: {e}", file=sys.stderr)
         return 2
     print(f"rtcodetr yolo train: best weights: {weights}")

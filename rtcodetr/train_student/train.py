@@ -31,6 +31,7 @@ from torch import nn
 
 from rtcodetr.config import ConfigError, config_to_dict, load_config, save_config, split_overrides
 from rtcodetr.data.transforms import AugmentConfig
+from rtcodetr.errors import BAD_INPUT, report_bad_input
 
 # ----------------------------------------------------------------------------------------------------------- config
 
@@ -126,6 +127,11 @@ class TrainConfig:
     log_every: int = 10
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     find_unused_parameters: bool = False
+    # A non-finite loss: "stop" (with the step, image ids and loss parts), or "skip" the step (no update; counted in
+    # metrics.jsonl and results.json). "auto": skip under fp16, whose overflow past 65504 happens now and then in a
+    # healthy run, stop under fp32/bf16, where it means a bug or divergence.
+    nonfinite: Literal["auto", "stop", "skip"] = "auto"
+    max_nonfinite_steps: int = 5  # with skipping: stop anyway once this many steps in a row were non-finite
     optim: OptimConfig = field(default_factory=OptimConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     aug: AugmentConfig = field(default_factory=AugmentConfig)
@@ -459,9 +465,21 @@ class TrainState:
     batch_in_epoch: int = 0  # this process's micro-batches done in ``epoch``
     best_map: float = -1.0
     best_step: int = -1
+    nonfinite_skipped: int = 0  # steps skipped for a non-finite loss (nonfinite=skip)
+    nonfinite_streak: int = 0  # of which in a row, up to now
+
+
+def publish_checkpoint(tmp: Path, path: Path) -> None:
+    """Give a completely written checkpoint directory its final name. ``checkpoint()`` writes ``.step_N.partial``
+    first, so a run killed while saving leaves a directory that ``resume=auto`` (which looks at ``step_*``) never
+    picks; the rename is atomic on a local or network POSIX file system."""
+    shutil.rmtree(path, ignore_errors=True)  # a re-save of the same step (never the case for a fresh step)
+    tmp.rename(path)
 
 
 def find_checkpoint(out: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: ``resume=DIR``, or with ``resume=auto`` the newest complete ``step_N`` in
+    ``out/checkpoints`` (half-written ones carry a ``.step_N.partial`` name until they are complete)."""
     if not resume:
         return None
     if resume != "auto":
@@ -476,6 +494,14 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
 
 class NonFiniteLossError(FloatingPointError):
     """A loss part is NaN/inf; the message names the step, the batch's image ids and every loss part."""
+
+
+def nonfinite_policy(setting: str, mixed_precision: str) -> str:
+    """``"stop"`` or ``"skip"`` for ``TrainConfig.nonfinite`` under the precision the run actually uses (``auto``:
+    skip under fp16 only, like GradScaler skips a step whose gradients overflow)."""
+    if setting != "auto":
+        return setting
+    return "skip" if mixed_precision == "fp16" else "stop"
 
 
 # -------------------------------------------------------------------------------------------------------- helpers
@@ -552,14 +578,13 @@ def _labelled_detection_loss(model: nn.Module, outputs, labels: list[dict], labe
     """The model's own detection loss over the labelled images of a batch only (RT-DETR family).
 
     Inside the model every image counts, and an image without annotations would be trained as pure background. The
-    loss is recomputed on the labelled images' outputs (denoising queries included, indexed per image); the model's
-    full loss times 0 is added so that every parameter stays in the graph (DDP expects gradients for all of them,
-    also on a process whose batch has no labelled image).
+    loss is recomputed on the labelled images' outputs (denoising queries included, indexed per image). A batch
+    without labelled images gives a zero that is still part of the graph. (Under DDP the loop keeps every parameter
+    in the graph on every rank anyway.)
     """
     keep = [i for i, flag in enumerate(labelled) if flag]
-    anchor = outputs.loss * 0.0
     if not keep:
-        return anchor
+        return outputs.loss * 0.0
     if len(keep) == len(labelled):
         return outputs.loss
     idx = torch.as_tensor(keep, device=outputs.logits.device)
@@ -572,7 +597,7 @@ def _labelled_detection_loss(model: nn.Module, outputs, labels: list[dict], labe
         pick(outputs.intermediate_logits), pick(outputs.intermediate_reference_points),
         enc_topk_logits=pick(outputs.enc_topk_logits), enc_topk_bboxes=pick(outputs.enc_topk_bboxes),
         denoising_meta_values=meta)
-    return loss + anchor
+    return loss
 
 
 def _json_safe(x: Any) -> Any:
@@ -596,7 +621,7 @@ def _scalar(v: torch.Tensor | float) -> float:
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train; return ``{"final", "best", "best_map", "best_step", "steps", "metrics", "val_history", "run_dir"}``."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
     from tqdm.auto import tqdm
 
     from rtcodetr.data.prepared import PreparedData
@@ -808,11 +833,20 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     def checkpoint() -> Path:
         path = out / "checkpoints" / f"step_{state.step}"
-        accelerator.save_state(str(path))
+        tmp = path.with_name(f".{path.name}.partial")  # renamed to step_N once every process has written its part
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
         if main:
             if ema is not None:
-                ema.save(path / "ema.safetensors")
-            (path / "train_state.json").write_text(json.dumps(asdict(state)))
+                ema.save(tmp / "ema.safetensors")
+            (tmp / "train_state.json").write_text(json.dumps(asdict(state)))
+        accelerator.wait_for_everyone()
+        if main:
+            publish_checkpoint(tmp, path)
+            for stale in (out / "checkpoints").glob(".step_*.partial"):  # left by runs killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
             ckpts = sorted((p for p in (out / "checkpoints").glob("step_*")), key=lambda p: int(p.name.split("_")[1]))
             for old in ckpts[:-max(cfg.keep_checkpoints, 1)]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -836,6 +870,21 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             state.best_map, state.best_step = float(metrics["mAP"]), state.step
             save_model("best")
 
+    # ---- pre-flight: a damaged cache stops here with the shards to recompute, not mid-epoch in a DataLoader worker
+    for path, checked in ((cfg.cache, cache), (cfg.unlabeled_cache, unl_cache)):
+        if checked is None:
+            continue
+        t_check = time.time()
+        checked.check_integrity()
+        log(f"[train] cache {path}: all {checked.manifest['storage']['num_shards']} shards finished, their objects "
+            f"present and indexes intact for {checked.tensors} ({time.time() - t_check:.1f} s; a full read: "
+            f"`rtcodetr cache-teacher verify {path} --full`)")
+    policy = nonfinite_policy(cfg.nonfinite, accelerator.mixed_precision)
+    # Under DDP every trainable parameter must get a gradient on every rank in every step, else the ranks' gradient
+    # buckets disagree and the all-reduce hangs or fails: RT-DETR leaves its denoising embedding out of the graph when
+    # a rank's batch has no boxes (lyuwenyu/RT-DETR#672). A zero-weighted sum of the parameters keeps them in.
+    trainable = [p for p in net.parameters() if p.requires_grad] if accelerator.num_processes > 1 else []
+
     # ---- the loop
     log(f"[train] {len(train_set)} train images, {len(val_base)} val images, {accelerator.num_processes} process(es), "
         f"batch {cfg.batch_size} x accum {cfg.grad_accum_steps}, {steps_per_epoch} steps/epoch, {total_steps} steps")
@@ -844,6 +893,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     ms_rng = random.Random()
     t_last, images_since = time.time(), 0
     running: dict[str, float] = {}
+    skipped_parts: dict[str, float] | None = None  # loss parts of a non-finite micro-batch in the current window
     net.train()
     while state.step < stop_at:
         for dataset in epoch_sets:
@@ -870,6 +920,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                                              batch["labelled"])
                     losses = criterion(outputs, student_map, batch, detection)
                 loss = sum(losses[k] * weight_dict[k] for k in losses)
+                if trainable:
+                    loss = loss + 0.0 * torch.stack([p.sum() for p in trainable]).sum()
                 # One host copy per micro-batch for the finiteness check and every logged value (not one per part).
                 logged = {**losses, **{f"det/{k}": v for k, v in (getattr(outputs, "loss_dict", None) or {}).items()}}
                 values = torch.stack([torch.as_tensor(v, device=accelerator.device).detach().float().reshape(())
@@ -880,18 +932,48 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 finite, *host = torch.cat([finite, values]).tolist()
                 if not finite:
                     parts = {k: v for k, v in zip(logged, host) if not k.startswith("det/")}
-                    bar.close()
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {state.step} (epoch {state.epoch}, micro-batch "
-                        f"{state.batch_in_epoch}) on process {accelerator.process_index}: image ids "
-                        f"{batch['image_ids']}, loss parts {parts}, weights {weight_dict}")
-                accelerator.backward(loss / cfg.grad_accum_steps)
+                    streak = state.nonfinite_streak + 1
+                    if policy == "stop" or streak >= cfg.max_nonfinite_steps:
+                        bar.close()
+                        raise NonFiniteLossError(
+                            f"non-finite loss at step {state.step} (epoch {state.epoch}, micro-batch "
+                            f"{state.batch_in_epoch}) on process {accelerator.process_index}: image ids "
+                            f"{batch['image_ids']}, loss parts {parts}, weights {weight_dict}"
+                            + (f"; {streak} steps in a row were non-finite (max_nonfinite_steps="
+                               f"{cfg.max_nonfinite_steps})" if policy == "skip" else ""))
+                    skipped_parts = parts  # every process agrees (gathered above): the whole step is skipped
+                else:
+                    accelerator.backward(loss / cfg.grad_accum_steps)
             state.batch_in_epoch += 1
             images_since += batch["pixel_values"].shape[0] * accelerator.num_processes
             for k, v in zip(logged, host):
                 running[k] = running.get(k, 0.0) + v / cfg.grad_accum_steps
             if not sync:
                 continue
+            if skipped_parts is not None:
+                # -- a skipped step: no update, but it counts as a step (schedule, data order and checkpoints stay
+                # those of a run without the overflow)
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.nonfinite_skipped += 1
+                state.nonfinite_streak += 1
+                bar.update(1)
+                log(f"[train] step {state.step}: non-finite loss (parts {skipped_parts}, image ids "
+                    f"{batch['image_ids']}); step skipped ({state.nonfinite_skipped} so far, "
+                    f"{state.nonfinite_streak} in a row)")
+                write_metrics({"type": "skipped", "step": state.step, "epoch": state.epoch,
+                               "reason": "non-finite loss", "loss_parts": skipped_parts,
+                               "nonfinite_skipped": state.nonfinite_skipped})
+                accelerator.log({"train/nonfinite_skipped": state.nonfinite_skipped}, step=state.step)
+                running, skipped_parts = {}, None
+                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                    checkpoint()
+                if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
+                    validate()
+                if state.step >= stop_at:
+                    break
+                continue
+            state.nonfinite_streak = 0
 
             # -- optimizer step
             factor = lr_factor(state.step, total_steps, cfg.optim)
@@ -901,6 +983,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             if cfg.optim.clip_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(net.parameters(), cfg.optim.clip_grad_norm)
             optimizer.step()
+            # fp16: GradScaler skipped the update itself (inf/NaN gradients from a finite loss) and lowered its scale
+            scaler_skipped = accelerator.optimizer_step_was_skipped
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update(unwrapped.student)
@@ -909,10 +993,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
             # -- logs: raw and weighted loss parts (mean over processes), learning rates, throughput
             if accelerator.num_processes > 1:
-                keys = sorted(running)
-                values = accelerator.reduce(torch.tensor([running[k] for k in keys], device=accelerator.device),
-                                            reduction="mean")
-                running = dict(zip(keys, values.tolist()))
+                # Mean of each part over the processes that have it: a rank whose batch has no boxes logs no
+                # denoising parts, and a collective over lists of different lengths would fail.
+                keys = sorted(set().union(*gather_object([sorted(running)])))
+                sums = accelerator.reduce(torch.tensor([[running.get(k, 0.0), float(k in running)] for k in keys],
+                                                       device=accelerator.device), reduction="sum")
+                running = {k: s / c for k, (s, c) in zip(keys, sums.tolist()) if c > 0}
             record: dict[str, Any] = {"type": "train", "step": state.step, "epoch": state.epoch}
             for k, v in running.items():
                 record[f"loss/{k}"] = v
@@ -923,6 +1009,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 record[f"lr/{g['name']}"] = g["lr"]
             if grad_norm is not None:
                 record["grad_norm"] = _scalar(grad_norm)
+            if state.nonfinite_skipped:
+                record["nonfinite_skipped"] = state.nonfinite_skipped
+            if scaler_skipped:
+                record["scaler_skipped"] = True
             running = {}
             if state.step % max(cfg.log_every, 1) == 0 or state.step == 1 or state.step == stop_at:
                 now = time.time()
@@ -969,6 +1059,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "best_map": state.best_map, "best_step": state.best_step,
         "metrics": val_history[-1] if val_history else {}, "val_history": val_history,
         "losses": active, "weight_dict": weight_dict, "num_processes": accelerator.num_processes,
+        "nonfinite_skipped_steps": state.nonfinite_skipped,
     }
     if main:
         (out / "results.json").write_text(json.dumps(_json_safe(result), indent=2))
@@ -1001,10 +1092,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(flags)
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
-    except ConfigError as e:
-        print(f"rtcodetr train: {e}", file=sys.stderr)
-        return 2
-    result = run(cfg)
+        result = run(cfg)
+    except BAD_INPUT as e:  # a config key, the data, the model, the cache (missing, other dataset, damaged shard)
+        return report_bad_input("rtcodetr train", e)
+    except NonFiniteLossError as e:  # not bad input: the run diverged; the message has the step, ids and parts
+        print(f"rtcodetr train: error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0 if result.get("final") or result.get("interrupted") else 1
 
 
