@@ -130,8 +130,8 @@ def _nan_on_calls(monkeypatch, calls: set[int] | None):
     original = trainer.DistillCriterion.forward
     seen = {"n": 0}
 
-    def forward(self, outputs, student_map, batch):
-        losses = original(self, outputs, student_map, batch)
+    def forward(self, outputs, student_map, batch, *rest):
+        losses = original(self, outputs, student_map, batch, *rest)
         if calls is None or seen["n"] in calls:
             losses["detection"] = losses["detection"] * float("nan")
         seen["n"] += 1

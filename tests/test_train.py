@@ -246,8 +246,8 @@ def test_non_finite_loss_stops_with_step_image_ids_and_parts(tmp_path, synthetic
 
     original = trainer.DistillCriterion.forward
 
-    def nan_detection(self, outputs, student_map, batch):
-        losses = original(self, outputs, student_map, batch)
+    def nan_detection(self, outputs, student_map, batch, *rest):
+        losses = original(self, outputs, student_map, batch, *rest)
         losses["detection"] = losses["detection"] * float("nan")
         return losses
 
