@@ -58,3 +58,23 @@ def test_sweep_refuses_ambiguous_init_and_unknown_checkpoint(tmp_path):
         run(SweepConfig(model="m", init_preset="rtdetr-tiny", **base))
     with pytest.raises(ConfigError, match="'best' or 'final'"):
         run(SweepConfig(model="m", checkpoint="last", **base))
+
+
+def test_ablation_demo_trains_the_demos_students():
+    """configs/ablation_demo.yaml must measure the students `make demo` trains: same trainer file, same settings."""
+    from pathlib import Path
+
+    from rtcodetr.config import load_config
+    from rtcodetr.demo import DemoConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(SweepConfig, repo / "configs" / "ablation_demo.yaml", [])
+    demo = DemoConfig()
+    assert Path(cfg.train_config).name == Path(demo.student_config).name
+    assert cfg.init_preset == demo.student_preset and cfg.split == demo.eval_split
+    words = dict(w.split("=", 1) for w in cfg.train_overrides)
+    assert words["max_steps"] == str(demo.student_steps) and words["batch_size"] == str(demo.student_batch_size)
+    assert words["image_size"] == f"[{demo.image_size}, {demo.image_size}]"
+    assert words["num_workers"] == str(demo.num_workers)
+    assert cfg.arms["distill"] == {}  # the shipped defaults, untouched
+    assert set(cfg.arms) >= {"baseline", "feature", "prediction", "distill", "online"}
