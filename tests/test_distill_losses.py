@@ -102,14 +102,36 @@ def _gt_scene():
 def test_gt_assignment_distils_into_the_query_the_gt_loss_trains():
     teacher, logits, boxes, gt, gt_matcher = _gt_scene()
     loss = PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3)
-    b, l, q, t = loss.assign(logits, boxes, [teacher], gt)
+    pairs_ = loss.assign(logits, boxes, [teacher], gt)
+    q, t = pairs_.query, pairs_.teacher
     pairs = dict(zip(t.tolist(), q.tolist()))
+    assert dict(zip(t.tolist(), pairs_.on_gt.tolist())) == {0: True, 1: False}
     assert pairs[0] == 2  # t0 detects GT A: it teaches A's positive query, not query 4 that happens to sit on it
     assert 1 in pairs and pairs[1] != 2  # the confident object without GT goes to a query the GT loss leaves free
     assert 2 not in pairs  # clutter below min_confidence is not distilled
     # the independent matching (the old design) puts t0 on query 4: the inconsistency the GT assignment removes
-    _, _, q_h, t_h = PredictionDistillLoss(assignment="hungarian", min_confidence=0.3).assign(logits, boxes, [teacher])
+    hun = PredictionDistillLoss(assignment="hungarian", min_confidence=0.3).assign(logits, boxes, [teacher])
+    q_h, t_h = hun.query, hun.teacher
     assert dict(zip(t_h.tolist(), q_h.tolist()))[0] == 4
+
+
+def test_teacher_boxes_are_not_distilled_onto_annotated_objects():
+    """On a query the GT loss trains for an annotated box, only the class distribution is distilled: moving that
+    query's box changes no box term; moving the free query that learns the un-annotated object does."""
+    teacher, logits, boxes, gt, gt_matcher = _gt_scene()
+    loss = PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3)
+    pairs = loss.assign(logits, boxes, [teacher], gt)
+    extra_query = int(pairs.query[~pairs.on_gt][0])
+    base = loss(logits, boxes, [teacher], gt)
+    moved_gt = boxes.clone()
+    moved_gt[0, 0, 2] = torch.tensor([0.6, 0.2, 0.1, 0.1])
+    out = loss(logits, moved_gt, [teacher], gt)
+    assert torch.equal(out["pred_l1"], base["pred_l1"]) and torch.equal(out["pred_giou"], base["pred_giou"])
+    moved_extra = boxes.clone()
+    moved_extra[0, 0, extra_query, :2] += 0.05
+    assert not torch.equal(loss(logits, moved_extra, [teacher], gt)["pred_l1"], base["pred_l1"])
+    with_boxes = PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3, gt_boxes=True)
+    assert not torch.equal(with_boxes(logits, moved_gt, [teacher], gt)["pred_l1"], with_boxes(logits, boxes, [teacher], gt)["pred_l1"])
 
 
 def test_gt_assignment_does_not_distil_a_duplicate_of_an_annotated_object():
@@ -119,8 +141,9 @@ def test_gt_assignment_does_not_distil_a_duplicate_of_an_annotated_object():
     dup = PredictionTargets(probs=torch.cat([teacher.probs, torch.tensor([[0.6, 0.05, 0.05]])]),
                             boxes=torch.cat([teacher.boxes, torch.tensor([[0.29, 0.31, 0.21, 0.19]])]),
                             weight=torch.cat([teacher.weight, torch.tensor([0.6])]))
-    _, _, q, t = PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3).assign(
+    got = PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3).assign(
         logits, boxes, [dup], gt)
+    q, t = got.query, got.teacher
     assert 3 not in t.tolist() and dict(zip(t.tolist(), q.tolist()))[0] == 2
 
 
@@ -129,7 +152,8 @@ def test_gt_assignment_on_an_image_without_gt_distils_only_confident_predictions
     empty = [{"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
     loss = PredictionDistillLoss(assignment="gt", gt_matcher=lambda o, l: [(torch.zeros(0, dtype=torch.long),) * 2],
                                  min_confidence=0.3)
-    _, _, q, t = loss.assign(logits, boxes, [teacher], empty)
+    got = loss.assign(logits, boxes, [teacher], empty)
+    q, t = got.query, got.teacher
     assert sorted(t.tolist()) == [0, 1] and len(set(q.tolist())) == 2
     out = loss(logits.requires_grad_(), boxes, [teacher], empty)
     assert all(torch.isfinite(v) and v > 0 for v in out.values())

@@ -13,7 +13,7 @@ Both losses are exactly zero when the student reproduces the teacher:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +94,17 @@ class DistillMatcher:
 Assignment = Literal["gt", "hungarian"]
 
 
+class Pairs(NamedTuple):
+    """Distilled (student query, teacher prediction) pairs: int64 index arrays of one length, plus ``on_gt`` (bool):
+    the pair sits on a query that the student's GT loss trains for an annotated box."""
+
+    sample: np.ndarray
+    layer: np.ndarray
+    query: np.ndarray
+    teacher: np.ndarray
+    on_gt: np.ndarray
+
+
 def teacher_to_gt(target: PredictionTargets, gt_labels: torch.Tensor, gt_boxes: torch.Tensor,
                   min_iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Which teacher prediction detects each ground-truth box, and which predictions cover one at all.
@@ -138,12 +149,15 @@ class PredictionDistillLoss(nn.Module):
 
     Each pair contributes, weighted by the teacher's confidence ``w``: ``class`` = mean_k KL(teacher_prob ||
     sigmoid(student_logit)), ``l1`` = |box_s - box_t|_1 (normalized cxcywh), ``giou`` = 1 - GIoU; each loss is the
-    ``w``-weighted mean over all pairs of all layers. Assignment runs on the host (scipy), with one device->host copy
+    ``w``-weighted mean over its pairs of all layers. The teacher never contradicts the annotation: on a query the
+    GT loss trains for an annotated box only the class distribution is distilled, the box terms apply where the
+    annotation is silent (extra objects, unlabelled images) unless ``gt_boxes`` (measured on the toy set: teacher
+    boxes on annotated objects cost 0.03-0.07 mAP50:95, the annotation being exact and the teacher's box not). Assignment runs on the host (scipy), with one device->host copy
     per cost matrix batch, and the losses are computed on all pairs at once.
     """
 
     def __init__(self, matcher: DistillMatcher | None = None, *, assignment: Assignment = "hungarian", gt_matcher=None,
-                 min_confidence: float = 0.0, gt_iou: float = 0.5):
+                 min_confidence: float = 0.0, gt_iou: float = 0.5, gt_boxes: bool = False):
         super().__init__()
         if assignment not in ("gt", "hungarian"):
             raise ValueError(f"prediction assignment must be 'gt' or 'hungarian', got {assignment!r}")
@@ -151,15 +165,15 @@ class PredictionDistillLoss(nn.Module):
             raise ValueError("assignment='gt' needs the student's ground-truth matcher (gt_matcher)")
         self.matcher = matcher or DistillMatcher()
         self.assignment, self.gt_matcher = assignment, gt_matcher
-        self.min_confidence, self.gt_iou = min_confidence, gt_iou
+        self.min_confidence, self.gt_iou, self.gt_boxes = min_confidence, gt_iou, gt_boxes
 
     @torch.no_grad()
     def assign(self, layer_logits: torch.Tensor, layer_boxes: torch.Tensor, targets: Sequence[PredictionTargets],
-               gt: Sequence[dict] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(sample, layer, query, teacher) int64 index arrays of the distilled pairs (teacher indices per sample)."""
+               gt: Sequence[dict] | None = None) -> Pairs:
+        """The distilled pairs (teacher indices per sample)."""
         num_layers, num_queries = layer_logits.shape[1], layer_logits.shape[2]
         share_gt = self.assignment == "gt" and gt is not None
-        pairs: list[tuple[int, int, int, int]] = []
+        pairs: list[tuple[int, int, int, int, bool]] = []
         free = np.ones((len(targets), num_layers, num_queries), dtype=bool)  # queries the GT loss leaves unassigned
         extras: list[np.ndarray] = []  # per sample: confident teacher predictions left to the KD matcher
         of_gt: list[np.ndarray] = []
@@ -181,7 +195,8 @@ class PredictionDistillLoss(nn.Module):
                     queries, gts = queries.numpy(), gts.numpy()
                     free[b, layer, queries] = False
                     teacher = of_gt[b][gts]
-                    pairs += [(b, layer, int(q), int(t)) for q, t in zip(queries[teacher >= 0], teacher[teacher >= 0])]
+                    pairs += [(b, layer, int(q), int(t), True)
+                              for q, t in zip(queries[teacher >= 0], teacher[teacher >= 0])]
         problems = [(b, e) for b, e in enumerate(extras) if len(e)]
         if problems:  # the remaining confident teacher predictions: Hungarian-matched to free queries, every layer
             costs = [self.matcher.cost(layer_logits[b], layer_boxes[b], PredictionTargets(
@@ -195,12 +210,13 @@ class PredictionDistillLoss(nn.Module):
                 for layer in range(num_layers):
                     queries = np.flatnonzero(free[b, layer])
                     rows, cols = linear_sum_assignment(cost[layer][queries])
-                    pairs += [(b, layer, int(queries[r]), int(e[c])) for r, c in zip(rows, cols)]
+                    pairs += [(b, layer, int(queries[r]), int(e[c]), False) for r, c in zip(rows, cols)]
         if not pairs:
             empty = np.zeros(0, dtype=np.int64)
-            return empty, empty, empty, empty
-        b_i, l_i, q_i, t_i = (np.asarray(col, dtype=np.int64) for col in zip(*pairs))
-        return b_i, l_i, q_i, t_i
+            return Pairs(empty, empty, empty, empty, np.zeros(0, dtype=bool))
+        b_i, l_i, q_i, t_i, on_gt = zip(*pairs)
+        as_np = lambda col: np.asarray(col, dtype=np.int64)  # noqa: E731
+        return Pairs(as_np(b_i), as_np(l_i), as_np(q_i), as_np(t_i), np.asarray(on_gt, dtype=bool))
 
     def forward(
         self, layer_logits: torch.Tensor, layer_boxes: torch.Tensor, targets: Sequence[PredictionTargets],
@@ -210,7 +226,7 @@ class PredictionDistillLoss(nn.Module):
         already removed); ``gt``: the model's labels (``class_labels``, ``boxes`` normalized cxcywh) per sample, needed
         by ``assignment="gt"`` -> {"pred_class", "pred_l1", "pred_giou"} scalar tensors (float32)."""
         device = layer_logits.device
-        b_i, l_i, q_i, t_i = self.assign(layer_logits, layer_boxes, targets, gt)
+        b_i, l_i, q_i, t_i, on_gt = self.assign(layer_logits, layer_boxes, targets, gt)
         if len(b_i) == 0:
             zero = layer_logits.sum() * 0.0  # keeps the graph connected when nothing is distilled
             return {"pred_class": zero, "pred_l1": zero, "pred_giou": zero}
@@ -225,11 +241,15 @@ class PredictionDistillLoss(nn.Module):
         # row-aligned pairs: torchvision's elementwise GIoU loss (1 - GIoU), not the [M, M] matrix
         giou_loss = generalized_box_iou_loss(box_convert(s_boxes, "cxcywh", "xyxy"),
                                              box_convert(t_boxes, "cxcywh", "xyxy"))
+        # boxes are distilled only where the annotation is silent (unless gt_boxes): an annotated box is exact, the
+        # teacher's is not, and pulling the query that learns it towards the teacher's box costs localisation
+        box_w = w if self.gt_boxes else w * torch.as_tensor(~on_gt, dtype=w.dtype, device=device)
         scale = w.sum().clamp_min(1e-12)  # on the device: no host sync; all-zero weights have zero numerators too
+        box_scale = box_w.sum().clamp_min(1e-12)
         return {
             "pred_class": (binary_kl_with_logits(s_logits, t_probs).mean(-1) * w).sum() / scale,
-            "pred_l1": ((s_boxes - t_boxes).abs().sum(-1) * w).sum() / scale,
-            "pred_giou": (giou_loss * w).sum() / scale,
+            "pred_l1": ((s_boxes - t_boxes).abs().sum(-1) * box_w).sum() / box_scale,
+            "pred_giou": (giou_loss * box_w).sum() / box_scale,
         }
 
 

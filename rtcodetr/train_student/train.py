@@ -86,6 +86,7 @@ class LossConfig:
     pred_assignment: Literal["gt", "hungarian"] = "gt"
     pred_min_confidence: float = 0.3  # teacher predictions below this (max class probability) are not distilled
     pred_gt_iou: float = 0.5  # a teacher prediction detects a GT box when their IoU is at least this
+    pred_gt_boxes: bool = False  # also distil teacher boxes onto queries trained for annotated boxes (off: GT wins)
 
 
 @dataclass
@@ -265,7 +266,7 @@ class DistillCriterion(nn.Module):
             self.prediction_loss = PredictionDistillLoss(
                 DistillMatcher(cfg.match_class_cost, cfg.match_l1_cost, cfg.match_giou_cost),
                 assignment=cfg.pred_assignment, gt_matcher=gt_matcher, min_confidence=cfg.pred_min_confidence,
-                gt_iou=cfg.pred_gt_iou)
+                gt_iou=cfg.pred_gt_iou, gt_boxes=cfg.pred_gt_boxes)
 
     def forward(self, outputs, student_map: torch.Tensor | None, batch: dict[str, Any],
                 detection: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
