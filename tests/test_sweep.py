@@ -34,6 +34,7 @@ def test_sweep_two_arms_two_seeds_and_restart(tmp_path, synthetic_data, tiny_mod
                             "eval_every=0", "checkpoint_every=0", "log_with=[]"],
         "seeds": [0, 1],
         "launcher": "accelerate",
+        "parallel": 2,  # two runs at once: the pool, its logs and its bookkeeping
         "launch_args": ["--num_processes", "1", "--num_cpu_threads_per_process", "1"],
         "baseline_arm": "baseline",
         "arms": {"baseline": {"cache": None, "loss": {"feature_weight": 0.0, "prediction_weight": 0.0}},
