@@ -101,7 +101,7 @@ def _gt_scene():
 
 def test_gt_assignment_distils_into_the_query_the_gt_loss_trains():
     teacher, logits, boxes, gt, gt_matcher = _gt_scene()
-    loss = PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3)
+    loss = PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3, annotated="class")
     pairs_ = loss.assign(logits, boxes, [teacher], gt)
     q, t = pairs_.query, pairs_.teacher
     pairs = dict(zip(t.tolist(), q.tolist()))
@@ -115,23 +115,30 @@ def test_gt_assignment_distils_into_the_query_the_gt_loss_trains():
     assert dict(zip(t_h.tolist(), q_h.tolist()))[0] == 4
 
 
-def test_teacher_boxes_are_not_distilled_onto_annotated_objects():
-    """On a query the GT loss trains for an annotated box, only the class distribution is distilled: moving that
-    query's box changes no box term; moving the free query that learns the un-annotated object does."""
+def test_what_the_teacher_teaches_annotated_objects():
+    """annotated="none": the queries trained for annotated boxes get nothing from the teacher; "class": their class
+    distribution only (moving such a query's box changes no box term); "all": boxes too. The free query that learns
+    the object the annotation lacks gets class and box in every mode."""
     teacher, logits, boxes, gt, gt_matcher = _gt_scene()
-    loss = PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3)
-    pairs = loss.assign(logits, boxes, [teacher], gt)
-    extra_query = int(pairs.query[~pairs.on_gt][0])
-    base = loss(logits, boxes, [teacher], gt)
+
+    def make(annotated):
+        return PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3, annotated=annotated)
+
+    none = make("none").assign(logits, boxes, [teacher], gt)
+    assert none.teacher.tolist() == [1] and not none.on_gt.any() and none.query[0] != 2
+    extra_query = int(none.query[0])
     moved_gt = boxes.clone()
     moved_gt[0, 0, 2] = torch.tensor([0.6, 0.2, 0.1, 0.1])
-    out = loss(logits, moved_gt, [teacher], gt)
-    assert torch.equal(out["pred_l1"], base["pred_l1"]) and torch.equal(out["pred_giou"], base["pred_giou"])
     moved_extra = boxes.clone()
     moved_extra[0, 0, extra_query, :2] += 0.05
-    assert not torch.equal(loss(logits, moved_extra, [teacher], gt)["pred_l1"], base["pred_l1"])
-    with_boxes = PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3, gt_boxes=True)
-    assert not torch.equal(with_boxes(logits, moved_gt, [teacher], gt)["pred_l1"], with_boxes(logits, boxes, [teacher], gt)["pred_l1"])
+    for annotated in ("none", "class", "all"):
+        loss = make(annotated)
+        base = loss(logits, boxes, [teacher], gt)
+        gt_moved = loss(logits, moved_gt, [teacher], gt)
+        assert torch.equal(gt_moved["pred_l1"], base["pred_l1"]) == (annotated != "all"), annotated
+        assert not torch.equal(loss(logits, moved_extra, [teacher], gt)["pred_l1"], base["pred_l1"])
+    with pytest.raises(ValueError, match="annotated"):
+        make("boxes")
 
 
 def test_gt_assignment_does_not_distil_a_duplicate_of_an_annotated_object():
@@ -141,7 +148,7 @@ def test_gt_assignment_does_not_distil_a_duplicate_of_an_annotated_object():
     dup = PredictionTargets(probs=torch.cat([teacher.probs, torch.tensor([[0.6, 0.05, 0.05]])]),
                             boxes=torch.cat([teacher.boxes, torch.tensor([[0.29, 0.31, 0.21, 0.19]])]),
                             weight=torch.cat([teacher.weight, torch.tensor([0.6])]))
-    got = PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3).assign(
+    got = PredictionDistillLoss(assignment="gt", gt_matcher=gt_matcher, min_confidence=0.3, annotated="class").assign(
         logits, boxes, [dup], gt)
     q, t = got.query, got.teacher
     assert 3 not in t.tolist() and dict(zip(t.tolist(), q.tolist()))[0] == 2
@@ -157,6 +164,23 @@ def test_gt_assignment_on_an_image_without_gt_distils_only_confident_predictions
     assert sorted(t.tolist()) == [0, 1] and len(set(q.tolist())) == 2
     out = loss(logits.requires_grad_(), boxes, [teacher], empty)
     assert all(torch.isfinite(v) and v > 0 for v in out.values())
+
+
+def test_teacher_duplicates_are_distilled_once_where_the_annotation_is_silent():
+    """On an image without GT every confident teacher prediction is a target, but a duplicate of one (same class,
+    IoU >= nms_iou) must not claim a second student query."""
+    teacher, logits, boxes, _, _ = _gt_scene()
+    dup = PredictionTargets(probs=torch.cat([teacher.probs, torch.tensor([[0.1, 0.6, 0.1]])]),
+                            boxes=torch.cat([teacher.boxes, torch.tensor([[0.71, 0.69, 0.2, 0.21]])]),
+                            weight=torch.cat([teacher.weight, torch.tensor([0.6])]))
+    empty = [{"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
+    no_gt = lambda o, l: [(torch.zeros(0, dtype=torch.long),) * 2]  # noqa: E731
+    kept = PredictionDistillLoss(assignment="gt", gt_matcher=no_gt, min_confidence=0.3, nms_iou=0.5).assign(
+        logits, boxes, [dup], empty)
+    assert sorted(kept.teacher.tolist()) == [0, 1]  # t3 duplicates t1 (0.8 > 0.6): dropped
+    every = PredictionDistillLoss(assignment="gt", gt_matcher=no_gt, min_confidence=0.3, nms_iou=1.0).assign(
+        logits, boxes, [dup], empty)
+    assert sorted(every.teacher.tolist()) == [0, 1, 3]
 
 
 def test_gt_matcher_for_rtdetr_matches_like_its_detection_loss():

@@ -84,9 +84,12 @@ class LossConfig:
     # "gt": a teacher prediction that detects a GT box is distilled into the query the student's GT loss trains for
     # that box; confident ones that detect none go to queries the GT loss leaves free. "hungarian": independent match.
     pred_assignment: Literal["gt", "hungarian"] = "gt"
-    pred_min_confidence: float = 0.3  # teacher predictions below this (max class probability) are not distilled
+    pred_min_confidence: float = 0.5  # teacher predictions below this (max class probability) are not distilled
+    pred_nms_iou: float = 0.5  # one teacher prediction per object where the annotation is silent (1: no NMS)
     pred_gt_iou: float = 0.5  # a teacher prediction detects a GT box when their IoU is at least this
-    pred_gt_boxes: bool = False  # also distil teacher boxes onto queries trained for annotated boxes (off: GT wins)
+    # what the teacher teaches the queries trained for annotated boxes (gt assignment): "none" (the annotation
+    # wins; the teacher teaches objects it lacks and unlabelled images), "class" (+ class distribution), "all"
+    pred_annotated: Literal["none", "class", "all"] = "none"
 
 
 @dataclass
@@ -266,7 +269,8 @@ class DistillCriterion(nn.Module):
             self.prediction_loss = PredictionDistillLoss(
                 DistillMatcher(cfg.match_class_cost, cfg.match_l1_cost, cfg.match_giou_cost),
                 assignment=cfg.pred_assignment, gt_matcher=gt_matcher, min_confidence=cfg.pred_min_confidence,
-                gt_iou=cfg.pred_gt_iou, gt_boxes=cfg.pred_gt_boxes)
+                gt_iou=cfg.pred_gt_iou, annotated=cfg.pred_annotated,
+                nms_iou=cfg.pred_nms_iou)
 
     def forward(self, outputs, student_map: torch.Tensor | None, batch: dict[str, Any],
                 detection: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
