@@ -36,21 +36,11 @@ TACO = REPO.parent / "shared" / "data" / "taco" / "sample"
 def trained_scale_teacher(preset: str, data_dir: Path, out: Path) -> Path:
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-    from rtcodetr.models import init_model
+    from rtcodetr.models import calibrate_activation_scale, init_model
 
     raw = init_model(preset, data_dir, out / "raw")
-    torch.manual_seed(0)
     model = AutoModelForObjectDetection.from_pretrained(raw)
-    for mod in model.model.modules():
-        if isinstance(mod, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.reset_running_stats()
-            mod.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(pixel_values=torch.rand(4, 3, 256, 256))
-    model.eval().save_pretrained(out / "teacher")
+    calibrate_activation_scale(model, (256, 256)).save_pretrained(out / "teacher")
     AutoImageProcessor.from_pretrained(raw).save_pretrained(out / "teacher")
     return out / "teacher"
 

@@ -65,12 +65,12 @@ import torch
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
-from rtcodetr.evaluate.detectors import (
-    DEFAULT_IMGSZ, keep_torch_threads, onnx_session, run_onnx, ultralytics_offline_env,
+from rtcodetr.evaluate.detectors import (  # noqa: F401 (read_export_metadata: part of this module API too)
+    DEFAULT_IMGSZ, METADATA_KEY, keep_torch_threads, onnx_session, read_export_metadata, run_onnx,
+    ultralytics_offline_env,
 )
 
 FORMAT_VERSION = 1
-METADATA_KEY = "rtcodetr"          # ONNX metadata_props key holding the export manifest (JSON)
 INPUT_NAME = "pixel_values"
 OUTPUT_NAMES = ("logits", "pred_boxes")
 # Families this exporter knows and the lowest opset their graphs need: RT-DETR's deformable attention samples with
@@ -125,28 +125,6 @@ class _RawOutputs(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def read_export_metadata(path: str | Path) -> dict[str, Any] | None:
-    """The manifest stored in an ONNX file by :func:`export_onnx` (``None`` for a graph exported by anything else).
-
-    Also recognises ultralytics exports: returns ``{"family": "yolo", "ultralytics": {...their metadata...}}``.
-    """
-    import onnx
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"ONNX file {p} not found")
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception as e:  # protobuf DecodeError and friends: not an ONNX file
-        raise ExportError(f"{p}: not a readable ONNX file ({type(e).__name__}: {e})") from None
-    props = {m.key: m.value for m in model.metadata_props}
-    if METADATA_KEY in props:
-        return json.loads(props[METADATA_KEY])
-    if props.get("author", "").startswith("Ultralytics"):
-        return {"family": "yolo", "ultralytics": props}
-    return None
-
-
 def _model_family(model_dir: Path) -> str:
     """The exporter's family name for a save_pretrained directory, refusing anything that is not a known detector."""
     from rtcodetr.models import ModelLoadError

@@ -31,6 +31,8 @@ from torch import nn
 
 from rtcodetr.models import model_family, unwrap_model
 
+STRIDE = 32  # both tapped maps, of every family: the one stride constant of the project
+
 TAP_NAMES = ("backbone", "encoder")
 
 

@@ -230,6 +230,28 @@ def build_model(preset: str, id2label: Mapping[int, str]):
     return model
 
 
+def calibrate_activation_scale(model: nn.Module, input_hw: tuple[int, int], *, seed: int = 0,
+                               batch: int = 4) -> nn.Module:
+    """Give a randomly initialised detector the activation scale of a trained one, in place; returns it in eval mode.
+
+    For tests and benchmarks of the cache (storage dtypes, fidelity, bytes per image): He-initialised convolutions
+    and BatchNorm running statistics averaged over one batch of random ``input_hw`` images give stride-32 maps of
+    O(0.01..1), where a plain random init can leave values a 16-bit format cannot hold. Seeded in a forked RNG.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for mod in model.model.modules():
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.reset_running_stats()
+                mod.momentum = None  # cumulative average over the calibration batch
+        model.train()
+        with torch.no_grad():
+            model(pixel_values=torch.rand(batch, 3, *input_hw))
+    return model.eval()
+
+
 def reset_batchnorm(model: nn.Module) -> int:
     """Set every ``nn.BatchNorm2d`` outside the backbone to weight 1, bias 0, running mean 0 / var 1; return the count.
 

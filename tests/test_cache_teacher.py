@@ -45,18 +45,10 @@ def _trained_scale_teacher(src: Path, dst: Path) -> Path:
     """
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-    torch.manual_seed(0)
+    from rtcodetr.models import calibrate_activation_scale
+
     model = AutoModelForObjectDetection.from_pretrained(src)
-    for mod in model.model.modules():
-        if isinstance(mod, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.reset_running_stats()
-            mod.momentum = None  # cumulative average over the calibration batch
-    model.train()
-    with torch.no_grad():
-        model(pixel_values=torch.rand(4, 3, 128, 128))
-    model.eval().save_pretrained(dst)
+    calibrate_activation_scale(model, (128, 128)).save_pretrained(dst)
     AutoImageProcessor.from_pretrained(src).save_pretrained(dst)
     return dst
 

@@ -57,7 +57,7 @@ def test_split_overrides():
 
 def test_literal_no_is_not_read_as_false():
     """YAML 1.1 reads `no` as false; `mixed_precision=no` (a Literal of strings) must still mean 'no'."""
-    from rtcodetr.train_student.train import TrainConfig
+    from rtcodetr.train_student.config import TrainConfig
 
     cfg = load_config(TrainConfig, None, ["mixed_precision=no", "loss.feature_loss=mse"])
     assert cfg.mixed_precision == "no"

@@ -368,3 +368,22 @@ def test_synthetic_command(tmp_path, capsys):
     d = PreparedData.load(tmp_path / "s")
     assert d.info["settings"] == {"train": 2, "val": 1, "test": 1, "size": 64, "seed": 3}
     assert "train 2 images" in capsys.readouterr().out
+
+
+def test_data_taco_takes_a_config_file_and_key_value_words(taco_sample, taco_prepared, tmp_path, capsys):
+    """Like the other stages: a YAML of PrepareConfig keys, flags and key=value words on top; an unknown key is one
+    line naming the closest valid one (exit 2); the same settings give the same dataset as the flags."""
+    cfg = tmp_path / "taco.yaml"
+    cfg.write_text(f"annotations: {taco_sample['annotations']}\nimages: {taco_sample['images']}\nseed: 0\n")
+    out = tmp_path / "via_config"
+    assert data_main(["taco", "--config", str(cfg), "--out", str(out), "name=via-config", "val_fraction=0.1"]) == 0
+    made = PreparedData.load(out)
+    assert made.info["name"] == "via-config"
+    for split in ("train", "val", "test"):
+        assert made.image_ids(split) == taco_prepared.image_ids(split)
+    capsys.readouterr()
+    assert data_main(["taco", "--config", str(cfg), "--out", str(tmp_path / "x"), "val_fraktion=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "val_fraktion" in err and "val_fraction" in err and "Traceback" not in err
+    assert data_main(["taco", "--out", str(tmp_path / "y")]) == 2
+    assert "'annotations' is required" in capsys.readouterr().err

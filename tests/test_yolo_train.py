@@ -40,6 +40,9 @@ def test_yolo_train_refuses_missing_checkpoint_and_reserved_keys(synthetic_data,
     rc = yolo_main(["train", "--data", str(synthetic_data.root), "--model", str(tmp_path / "nope.pt"),
                     "--out", str(tmp_path / "run")])
     assert rc == 2 and "nothing is downloaded" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         yolo_main(["train", "--data", str(synthetic_data.root), "--model", "yolo11n.yaml", "--out",
                    str(tmp_path / "run"), "project=/elsewhere"])
+    assert e.value.code == 2 and "'project=' is set by the wrapper" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was trained or written

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from rtcodetr.cache_teacher.config import GeometryConfig
+from rtcodetr.features import STRIDE  # both tapped maps (backbone, encoder) are at stride 32 of the padded input
 from rtcodetr.config import ConfigError
 
-STRIDE = 32  # both tapped maps (backbone, encoder) are at stride 32 of the padded input
 
 
 def _round_up(x: int, m: int) -> int:

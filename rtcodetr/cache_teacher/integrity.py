@@ -55,7 +55,7 @@ def scan_shards(source, manifest: dict, *, arrays: Iterable[str] | None = None, 
 
     specs = array_specs(manifest)
     names = list(specs) if arrays is None else [n for n in specs if n in set(arrays) or not specs[n][2]]
-    plan = ShardPlan(len(manifest["dataset"]["image_ids"]), int(manifest["storage"]["samples_per_shard"]))
+    plan = ShardPlan.of(manifest)
     if shards is None:
         shards = np.flatnonzero(source.finished()).tolist()
     problems: dict[int, list[str]] = {}
@@ -107,7 +107,7 @@ def redo_command(manifest: dict, url: str, shards: Sequence[int]) -> str:
 
 def corrupt_cache_error(url: str, manifest: dict, problems: dict[int, list[str]]) -> CacheCorruptError:
     """One message for damaged shards: which shards, their samples and image ids, what failed, and the fix."""
-    plan = ShardPlan(len(manifest["dataset"]["image_ids"]), int(manifest["storage"]["samples_per_shard"]))
+    plan = ShardPlan.of(manifest)
     ids = manifest["dataset"]["image_ids"]
     parts = []
     for k in sorted(problems)[:MAX_SHARDS_LISTED]:

@@ -8,7 +8,6 @@ with weight 0 should not pay for a read).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,11 +15,10 @@ import numpy as np
 from rtcodetr.cache_teacher.manifest import (
     FORMAT,
     CacheMismatchError,
-    CacheNotFoundError,
     check_fields,
     label_map_entries,
 )
-from rtcodetr.cache_teacher.storage import ShardPlan, open_source, read_manifest, read_sample
+from rtcodetr.cache_teacher.storage import ShardPlan, open_source, read_sample, require_manifest
 
 
 def _label_names(label_map: Any) -> list[str]:
@@ -57,9 +55,7 @@ class TeacherCache:
                  storage_options: dict | None = None):
         self.path = str(path_or_url)
         self.storage_options = storage_options
-        manifest = read_manifest(self.path, storage_options)
-        if manifest is None:
-            raise CacheNotFoundError(self.path)
+        manifest = require_manifest(self.path, storage_options)
         if manifest.get("format") != FORMAT:
             raise CacheMismatchError(f"{self.path}: manifest field 'format' is {manifest.get('format')!r}, "
                                      f"expected {FORMAT!r}", field="format")
@@ -72,7 +68,7 @@ class TeacherCache:
                                          f"'tensors' has {available})", field=f"tensors.{name}")
         self._ids = np.asarray(manifest["dataset"]["image_ids"], dtype=np.int64)
         self._row_of = {int(i): r for r, i in enumerate(self._ids)}
-        self._plan = ShardPlan(len(self._ids), int(manifest["storage"]["samples_per_shard"]))
+        self._plan = ShardPlan.of(manifest)
         self._source = open_source(self.path, storage_options)
         self._finished: np.ndarray | None = None
         self._finished_pid: int | None = None
@@ -102,9 +98,31 @@ class TeacherCache:
                      what=f"teacher cache {self.path} was made from another dataset",
                      existing_name="the cache", expected_name=f"{data.root} split '{split}'")
 
+    @property
+    def teacher_label_names(self) -> list[str]:
+        """The teacher's class names in label order (from the manifest)."""
+        entries = sorted(self.manifest["teacher"]["label_map"], key=lambda e: int(e["label"]))
+        return [str(e["name"]) for e in entries]
+
     def label_map_matches(self, label_map: Any) -> bool:
-        """Whether the teacher's label map (label order and names) equals ``label_map``."""
-        return self.manifest["teacher"]["label_map"] == label_map_entries(_label_names(label_map))
+        """Whether the teacher's label map (label order and names) equals ``label_map`` (a ``LabelMap``, an id2label
+        dict or a list of names)."""
+        if hasattr(label_map, "matches"):
+            return label_map.matches(self.teacher_label_names)
+        return self.teacher_label_names == _label_names(label_map)
+
+    def channels(self, name: str) -> int:
+        """Channels of the cached feature map ``name`` (``backbone`` / ``encoder``): what a student adapter maps to."""
+        tensors = self.manifest["tensors"]
+        if name not in tensors:
+            raise CacheMismatchError(f"teacher cache {self.path} has no '{name}' map (it has "
+                                     f"{', '.join(sorted(tensors))})", field="tensors")
+        return int(tensors[name]["shape"][-3])  # per-sample shapes: [C, Hf, Wf]
+
+    @property
+    def stride(self) -> float:
+        """Stride of the cached feature maps in teacher-input pixels."""
+        return float(self.manifest.get("geometry", {}).get("stride", 32))
 
     # ------------------------------------------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -121,9 +139,6 @@ class TeacherCache:
             return self._row_of[int(image_id)]
         except KeyError:
             raise KeyError(f"image id {image_id} is not in teacher cache {self.path}") from None
-
-    def by_image_id(self, image_id: int) -> dict[str, np.ndarray]:
-        return self[self.index_of(image_id)]
 
     def finished(self) -> np.ndarray:
         """bool ``[num_shards]``: finished shards (read once per process)."""
@@ -154,15 +169,6 @@ class TeacherCache:
                                      f"says {int(self._ids[i])}", field="image_id")
         return out
 
-    def check_complete(self) -> None:
-        """Raise ``CacheMismatchError`` if some shard is unfinished (reads the markers: call it in the process that
-        reads, or accept that the parent then holds an open store handle)."""
-        done = self.finished()
-        if not done.all():
-            raise CacheMismatchError(
-                f"{self.path}: {int((~done).sum())} of {done.size} shards are not finished (first: "
-                f"{int(np.argmin(done))}); rerun the cache-teacher command to complete it", field="shard_done")
-
     def check_integrity(self, *, full: bool = False, progress: bool = False) -> None:
         """Raise ``CacheMismatchError`` if a shard is unfinished, ``CacheCorruptError`` (naming shards, samples,
         image ids and the ``--redo-shards`` command) if a finished shard of the tensors this reader reads cannot be
@@ -182,7 +188,3 @@ class TeacherCache:
         t = self.manifest["teacher"]
         return (f"TeacherCache({self.path}, {len(self)} samples, teacher {t.get('family')} {t.get('id')}, "
                 f"tensors {self.tensors})")
-
-    @property
-    def is_hdf5(self) -> bool:
-        return Path(self.path).suffix.lower() in (".h5", ".hdf5")

@@ -22,7 +22,8 @@ import torch
 
 from rtcodetr.cache_teacher.codecs import STORAGE_DTYPES, check_dtype
 from rtcodetr.cache_teacher.config import CacheConfig
-from rtcodetr.cache_teacher.geometry import STRIDE, PadCollate, TeacherInputs, resolve_geometry, valid_cells
+from rtcodetr.cache_teacher.geometry import PadCollate, TeacherInputs, resolve_geometry, valid_cells
+from rtcodetr.features import STRIDE
 from rtcodetr.cache_teacher.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -190,10 +191,10 @@ def run(cfg: CacheConfig, *, on_shard_written: Callable[[int], None] | None = No
     shapes = probe_shapes(teacher, list(cfg.tensors), geometry)
     manifest = build_manifest(cfg, teacher, data, geometry, shapes, teacher.mixed_precision,
                               accelerator.device.type)
-    if teacher.label_names != list(data.label_map.names):
-        _log(f"warning: the teacher's label map ({len(teacher.label_names)} labels) differs from the dataset's "
-             f"({data.label_map.num_labels}); its logits/boxes cannot serve a prediction loss for this dataset "
-             "(feature distillation still works)", main)
+    diff = data.label_map.differences(teacher.label_names)
+    if diff is not None:
+        _log(f"warning: the teacher's label map differs from the dataset's ({diff}); its logits/boxes cannot serve "
+             "a prediction loss for this dataset (feature distillation still works)", main)
 
     # Only the main process inspects/creates the store; the others open it after the barrier (no half-made group).
     out, so = cfg.out, (cfg.storage_options or None)

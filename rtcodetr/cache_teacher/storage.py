@@ -94,6 +94,11 @@ class ShardPlan:
     num_samples: int
     samples_per_shard: int
 
+    @classmethod
+    def of(cls, manifest: dict) -> "ShardPlan":
+        """The plan a cache's manifest records."""
+        return cls(len(manifest["dataset"]["image_ids"]), int(manifest["storage"]["samples_per_shard"]))
+
     @property
     def num_shards(self) -> int:
         return -(-self.num_samples // self.samples_per_shard)
@@ -133,6 +138,14 @@ def open_group(url: str, mode: str, storage_options: dict | None = None):
     return zarr.open_group(store=str(url), **kwargs)
 
 
+def require_manifest(url: str, storage_options: dict | None = None) -> dict:
+    """The manifest of the cache at ``url``; ``CacheNotFoundError`` naming ``url`` when there is none."""
+    manifest = read_manifest(url, storage_options)
+    if manifest is None:
+        raise CacheNotFoundError(str(url))
+    return manifest
+
+
 def read_manifest(url: str, storage_options: dict | None = None) -> dict | None:
     """The manifest of the cache at ``url``, or None if there is no zarr group there."""
     if is_hdf5(url):
@@ -166,7 +179,7 @@ def create_cache(url: str, manifest: dict, *, overwrite: bool, storage_options: 
     With ``overwrite`` an existing group at ``url`` is deleted first.
     """
     group = open_group(url, "w" if overwrite else "w-", storage_options)
-    plan = ShardPlan(len(manifest["dataset"]["image_ids"]), manifest["storage"]["samples_per_shard"])
+    plan = ShardPlan.of(manifest)
     n, s = plan.num_samples, plan.samples_per_shard
     comp = manifest["storage"]["compressor"]
     for name, (shape, dtype, per_sample) in array_specs(manifest).items():
@@ -230,7 +243,7 @@ class ShardWriter:
     def __init__(self, group, manifest: dict, *, max_pending: int = 4,
                  on_shard_written: Callable[[int], None] | None = None, url: str = "the cache"):
         self.manifest = manifest
-        self.plan = ShardPlan(len(manifest["dataset"]["image_ids"]), manifest["storage"]["samples_per_shard"])
+        self.plan = ShardPlan.of(manifest)
         self.specs = array_specs(manifest)
         self.arrays = {name: group[name] for name in self.specs}
         self.url = url
@@ -480,16 +493,14 @@ def export_hdf5(url: str, out: str | os.PathLike, *, storage_options: dict | Non
     from tqdm.auto import tqdm
 
     out = Path(out)
-    manifest = read_manifest(url, storage_options)
-    if manifest is None:
-        raise CacheNotFoundError(str(url))
+    manifest = require_manifest(url, storage_options)
     src = ZarrSource(url, storage_options)
     done = src.finished()
     if not done.all():
         raise CacheMismatchError(
             f"{url}: {int((~done).sum())} of {done.size} shards are not finished (first: {int(np.argmin(done))}); "
             "finish the cache (rerun the same cache-teacher command) before exporting", field="shard_done")
-    plan = ShardPlan(len(manifest["dataset"]["image_ids"]), manifest["storage"]["samples_per_shard"])
+    plan = ShardPlan.of(manifest)
     specs = array_specs(manifest)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")

@@ -1,14 +1,14 @@
 """``info`` / ``verify`` / ``export`` on an existing teacher cache."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from rtcodetr.cache_teacher.codecs import cosine
-from rtcodetr.cache_teacher.manifest import CacheMismatchError, CacheNotFoundError
-from rtcodetr.cache_teacher.storage import ShardPlan, array_specs, open_source, read_manifest
+from rtcodetr.cache_teacher.manifest import CacheMismatchError
+from rtcodetr.cache_teacher.storage import ShardPlan, array_specs, open_source, require_manifest
 
 
 def cache_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
@@ -18,11 +18,9 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
     {"dtype", "shape", "stored_bytes", "bytes_per_image", "raw_bytes_per_image", "compression_ratio"}},
     "total_stored_bytes", "bytes_per_image"}``. Per-image figures are over finished samples.
     """
-    manifest = read_manifest(url, storage_options)
-    if manifest is None:
-        raise CacheNotFoundError(url)
+    manifest = require_manifest(url, storage_options)
     src = open_source(url, storage_options)
-    plan = ShardPlan(len(manifest["dataset"]["image_ids"]), int(manifest["storage"]["samples_per_shard"]))
+    plan = ShardPlan.of(manifest)
     done = src.finished()
     finished_samples = int(sum(plan.bounds(k)[1] - plan.bounds(k)[0] for k in np.flatnonzero(done)))
     arrays = {}

@@ -26,20 +26,23 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rtcodetr data", description="Prepare, export and check detection datasets.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{taco,synthetic,add-images,yolo,check}")
 
-    t = sub.add_parser("taco", help="prepare a COCO file (TACO) and its images: fix, split, write DATA_DIR")
-    t.add_argument("--annotations", required=True, type=Path, help="COCO json (e.g. TACO's annotations.json)")
-    t.add_argument("--images", required=True, type=Path, help="image root the file names are relative to")
-    t.add_argument("--out", required=True, type=Path, help="output prepared dataset directory")
-    t.add_argument("--val-fraction", type=float, default=0.1)
-    t.add_argument("--test-fraction", type=float, default=0.1)
-    t.add_argument("--seed", type=int, default=0, help="seed of the image-level split")
-    t.add_argument("--classes", choices=("categories", "supercategories"), default="categories")
-    t.add_argument("--skip-missing", action="store_true",
+    t = sub.add_parser("taco", help="prepare a COCO file (TACO) and its images: fix, split, write DATA_DIR; "
+                                    "flags, or --config FILE and key=value words (PrepareConfig keys)")
+    t.add_argument("--config", type=Path, default=None, help="YAML with PrepareConfig keys; flags and key=value "
+                                                              "words override it")
+    t.add_argument("--annotations", type=Path, help="COCO json (e.g. TACO's annotations.json)")
+    t.add_argument("--images", type=Path, help="image root the file names are relative to")
+    t.add_argument("--out", type=Path, help="output prepared dataset directory")
+    t.add_argument("--val-fraction", type=float)
+    t.add_argument("--test-fraction", type=float)
+    t.add_argument("--seed", type=int, help="seed of the image-level split (default 0)")
+    t.add_argument("--classes", choices=("categories", "supercategories"))
+    t.add_argument("--skip-missing", action="store_true", default=None,
                    help="drop images that are not on disk or whose size matches neither EXIF orientation "
                         "(counted in report.json) instead of failing")
-    t.add_argument("--val-ids", type=Path, default=None, help="pin the val split to these image ids (one per line)")
-    t.add_argument("--test-ids", type=Path, default=None, help="pin the test split to these image ids")
-    t.add_argument("--name", default="taco", help="dataset name written into dataset.json")
+    t.add_argument("--val-ids", type=Path, help="pin the val split to these image ids (one per line)")
+    t.add_argument("--test-ids", type=Path, help="pin the test split to these image ids")
+    t.add_argument("--name", help="dataset name written into dataset.json (default taco)")
 
     c = sub.add_parser("check", help="decode every image of a COCO file and print what is wrong; writes nothing")
     c.add_argument("--annotations", required=True, type=Path)
@@ -86,7 +89,14 @@ def _summary(data) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (errors in the input data print one clear message and return 2; ``check``
     returns 2 when it finds problems)."""
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from rtcodetr.config import split_overrides
+
+    flags, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    parser = _parser()
+    args = parser.parse_args(flags)
+    args.overrides = overrides
+    if overrides and args.command != "taco":
+        parser.error(f"key=value settings ({overrides[0]}) are only for `data taco`")
     from rtcodetr.data.coco import DatasetError
     from rtcodetr.data.dataset import ImageDecodeError
     from rtcodetr.data.prepared import PreparedDataError
@@ -102,14 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "taco":
+        from rtcodetr.config import load_config
         from rtcodetr.data.coco import PrepareConfig, run
 
-        cfg = PrepareConfig(
-            annotations=args.annotations, images=args.images, out=args.out, val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction, seed=args.seed, classes=args.classes, skip_missing=args.skip_missing,
-            val_ids=args.val_ids, test_ids=args.test_ids, name=args.name,
-        )
-        data = run(cfg)
+        keys = ("annotations", "images", "out", "val_fraction", "test_fraction", "seed", "classes", "skip_missing",
+                "val_ids", "test_ids", "name")
+        given = [f"{k}={getattr(args, k)}" for k in keys if getattr(args, k) is not None]
+        data = run(load_config(PrepareConfig, args.config, [*given, *args.overrides]))
         fixes = {k: v for k, v in json.loads((data.root / "report.json").read_text())["fixes"].items() if v}
         print(f"wrote {data.root}: {data.label_map.num_labels} labels; {_summary(data)}")
         print(f"fixes (report.json): {json.dumps(fixes)}")

@@ -39,6 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from rtcodetr.config import config_to_dict
+from rtcodetr.data.boxes import clip_boxes, coco_xywh_to_xyxy
 from rtcodetr.data.dataset import EXIF_ORIENTATION, ImageDecodeError, decode_image
 from rtcodetr.data.prepared import LabelMap, PreparedData, SplitRecords, safe_relative_path, sha256_file, write_prepared
 from rtcodetr.errors import InputError
@@ -55,8 +56,8 @@ class DatasetError(ValueError, InputError):
 class PrepareConfig:
     """Settings of ``rtcodetr data taco`` (any COCO file works; TACO is the default use)."""
 
-    annotations: Path = Path("../shared/data/taco/annotations.json")
-    images: Path = Path("../shared/data/taco/images")
+    annotations: Path | None = None  # required: the COCO json
+    images: Path | None = None  # required: the image root its file names are relative to
     out: Path = Path("data/taco")
     val_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -240,28 +241,8 @@ def check_image(path: Path, file_name: str, width: int, height: int, verify: boo
     return res
 
 
-def load_source(
-    annotations: str | Path,
-    images: str | Path,
-    *,
-    classes: str = "categories",
-    skip_missing: bool = False,
-    verify: bool = True,
-    progress: bool = True,
-    collect_problems: list[str] | None = None,
-) -> SourceDataset:
-    """Parse, validate and fix a COCO file against its image folder.
-
-    With ``collect_problems`` (a list), image-level problems (missing, corrupt, size mismatch) are appended to it
-    instead of raising, and the affected images are dropped: that is ``rtcodetr data check``.
-    """
-    ann_path, images_dir = Path(annotations), Path(images)
-    if not images_dir.is_dir():
-        raise DatasetError(f"image directory not found: {images_dir}")
-    coco = read_coco(ann_path)
-    label_map, label_of = build_label_map(ann_path, coco["categories"], classes)
-
-    # ---- images: structure, ids, safe names
+def _read_images(ann_path: Path, coco: dict) -> dict[int, dict]:
+    """The ``images`` records by id: structure, unique ids, positive sizes, file names that stay under the root."""
     image_recs: dict[int, dict] = {}
     for k, im in enumerate(coco["images"]):
         iid, where = _record_id(ann_path, "images", k, im)
@@ -274,25 +255,17 @@ def load_source(
         except ValueError as e:
             raise _err(ann_path, where, str(e)) from None
         image_recs[iid] = {"id": iid, "file_name": im["file_name"], "width": w, "height": h}
+    return image_recs
 
-    # ---- annotations: structure, references, box fixes
-    fixes: dict[str, Any] = {
-        "duplicate_annotation_ids": 0,
-        "boxes_clamped": 0,
-        "zero_area_boxes_dropped": 0,
-        "category_ids_remapped": 0,
-        "extension_case_fixed": 0,
-        "exif_rotated": 0,
-        "exif_applied_same_size": 0,
-        "exif_tag_ignored": 0,
-        "missing_images_dropped": 0,
-        "annotations_of_dropped_images": 0,
-        "size_mismatch_images_dropped": 0,
-    }
+
+def _read_annotations(ann_path: Path, coco: dict, image_recs: dict[int, dict], label_of: dict[int, int],
+                      num_labels: int, fixes: dict[str, Any]) -> tuple[list[dict], np.ndarray]:
+    """The ``annotations``: structure and references checked, boxes clamped into their image (zero-area ones
+    dropped), counted in ``fixes``. Returns (annotations with ``box_xyxy`` and ``label``, annotations per label)."""
     seen_ann: set[int] = set()
     dup_values: set[int] = set()
     anns: list[dict] = []
-    used_labels = np.zeros(label_map.num_labels, dtype=np.int64)
+    used_labels = np.zeros(num_labels, dtype=np.int64)
     for k, a in enumerate(coco["annotations"]):
         aid, where = _record_id(ann_path, "annotations", k, a)
         if aid in seen_ann:
@@ -309,14 +282,12 @@ def load_source(
         if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
             raise _err(ann_path, where, f"field 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
-        iscrowd = int(a.get("iscrowd", 0) or 0)
         im = image_recs[iid]
-        x, y, bw, bh = (float(v) for v in bbox)
-        x1, y1, x2, y2 = x, y, x + bw, y + bh
-        cx1, cy1 = min(max(x1, 0.0), im["width"]), min(max(y1, 0.0), im["height"])
-        cx2, cy2 = min(max(x2, 0.0), im["width"]), min(max(y2, 0.0), im["height"])
-        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+        xyxy = coco_xywh_to_xyxy(np.asarray(bbox, dtype=np.float64))
+        clamped = clip_boxes(xyxy, (im["height"], im["width"]))
+        if not np.array_equal(clamped, xyxy):
             fixes["boxes_clamped"] += 1
+        cx1, cy1, cx2, cy2 = (float(v) for v in clamped)
         if cx2 - cx1 <= 0 or cy2 - cy1 <= 0:
             fixes["zero_area_boxes_dropped"] += 1
             continue
@@ -326,13 +297,17 @@ def load_source(
         label = label_of[cid]
         used_labels[label] += 1
         anns.append({"image_id": iid, "label": label, "box_xyxy": [cx1, cy1, cx2, cy2], "area": float(area),
-                     "iscrowd": iscrowd, "source_id": aid})
+                     "iscrowd": int(a.get("iscrowd", 0) or 0), "source_id": aid})
     fixes["duplicate_annotation_id_values"] = sorted(dup_values)
-    fixes["category_ids_remapped"] = sum(
-        1 for cid, lab in label_of.items() if cid != int(label_map.category_ids[lab])
-    )
+    return anns, used_labels
 
-    # ---- image files: existence, extension case, decodability, orientation
+
+def _check_image_files(ann_path: Path, images_dir: Path, image_recs: dict[int, dict], *, skip_missing: bool,
+                       verify: bool, progress: bool, collect_problems: list[str] | None,
+                       fixes: dict[str, Any]) -> tuple[list[dict], list[str], list[str]]:
+    """The image files: existence (extension case fixed), full decode, annotated size vs upright size, EXIF
+    orientation. Returns (the kept image records, missing file names, size-mismatch descriptions); unusable files
+    raise (or, with ``collect_problems``, are listed there and dropped)."""
     missing: list[str] = []
     broken: list[str] = []
     mismatched: list[str] = []
@@ -393,6 +368,50 @@ def load_source(
         if chk.exif_tag != 1:
             rec["exif_orientation_tag"] = chk.exif_tag
         out_images.append(rec)
+    return out_images, missing, mismatched
+
+
+def load_source(
+    annotations: str | Path,
+    images: str | Path,
+    *,
+    classes: str = "categories",
+    skip_missing: bool = False,
+    verify: bool = True,
+    progress: bool = True,
+    collect_problems: list[str] | None = None,
+) -> SourceDataset:
+    """Parse, validate and fix a COCO file against its image folder: its images, its annotations, the image files.
+
+    With ``collect_problems`` (a list), image-level problems (missing, corrupt, size mismatch) are appended to it
+    instead of raising, and the affected images are dropped: that is ``rtcodetr data check``.
+    """
+    ann_path, images_dir = Path(annotations), Path(images)
+    if not images_dir.is_dir():
+        raise DatasetError(f"image directory not found: {images_dir}")
+    coco = read_coco(ann_path)
+    label_map, label_of = build_label_map(ann_path, coco["categories"], classes)
+    fixes: dict[str, Any] = {
+        "duplicate_annotation_ids": 0,
+        "boxes_clamped": 0,
+        "zero_area_boxes_dropped": 0,
+        "category_ids_remapped": 0,
+        "extension_case_fixed": 0,
+        "exif_rotated": 0,
+        "exif_applied_same_size": 0,
+        "exif_tag_ignored": 0,
+        "missing_images_dropped": 0,
+        "annotations_of_dropped_images": 0,
+        "size_mismatch_images_dropped": 0,
+    }
+    image_recs = _read_images(ann_path, coco)
+    anns, used_labels = _read_annotations(ann_path, coco, image_recs, label_of, label_map.num_labels, fixes)
+    fixes["category_ids_remapped"] = sum(
+        1 for cid, lab in label_of.items() if cid != int(label_map.category_ids[lab])
+    )
+    out_images, missing, mismatched = _check_image_files(
+        ann_path, images_dir, image_recs, skip_missing=skip_missing, verify=verify, progress=progress,
+        collect_problems=collect_problems, fixes=fixes)
     kept = {im["id"] for im in out_images}
     before = len(anns)
     anns = [a for a in anns if a["image_id"] in kept]
@@ -506,6 +525,9 @@ def split_ids(
 
 def run(cfg: PrepareConfig) -> PreparedData:
     """``rtcodetr data taco``: load + fix + split + write. Returns the prepared directory."""
+    for key in ("annotations", "images"):
+        if getattr(cfg, key) is None:
+            raise DatasetError(f"data taco: '{key}' is required (--{key} PATH, {key}=PATH or the --config file)")
     src = load_source(cfg.annotations, cfg.images, classes=cfg.classes, skip_missing=cfg.skip_missing,
                       progress=cfg.progress)
     val_ids = read_id_list(cfg.val_ids) if cfg.val_ids is not None else None

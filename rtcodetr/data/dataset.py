@@ -183,11 +183,3 @@ class CocoDetection(torch.utils.data.Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
-
-
-def collate_detection(batch: list[tuple[Any, dict]]) -> tuple[Any, list[dict]]:
-    """Stack same-size image tensors ``[B, 3, H, W]``; targets stay a list of dicts (their box counts differ)."""
-    images, targets = zip(*batch)
-    if all(isinstance(im, torch.Tensor) for im in images) and len({tuple(im.shape) for im in images}) == 1:
-        return torch.stack(images), list(targets)
-    return list(images), list(targets)

@@ -52,6 +52,10 @@ class PreparedDataError(ValueError, InputError):
     """A prepared dataset directory is missing, incomplete or inconsistent; the message names the file and field."""
 
 
+class LabelMapMismatch(PreparedDataError):
+    """A model, teacher or export does not use the dataset's labels in label order (``LabelMap.check``)."""
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -87,6 +91,31 @@ class LabelMap:
         self.category_ids: np.ndarray = np.arange(1, self.num_labels + 1, dtype=np.int64)
         self.id2label: dict[int, str] = {i: n for i, n in enumerate(self.names)}
         self.label2id: dict[str, int] = {n: i for i, n in enumerate(self.names)}
+
+    def differences(self, names: Sequence[str]) -> str | None:
+        """None when ``names`` are exactly this map's labels in label order, else what differs, in a few words.
+
+        The one comparison of label maps in the project: models, teachers, caches and YOLO exports are all held
+        against a dataset's label map by name and order (label ``i`` must mean the same class on both sides).
+        """
+        names = [str(n) for n in names]
+        if names == self.names:
+            return None
+        if len(names) != self.num_labels:
+            return f"{len(names)} labels, not {self.num_labels}"
+        i = next(i for i, (a, b) in enumerate(zip(names, self.names)) if a != b)
+        return f"label {i} is '{names[i]}', not '{self.names[i]}'"
+
+    def matches(self, names: Sequence[str]) -> bool:
+        return self.differences(names) is None
+
+    def check(self, names: Sequence[str], what: str, fix: str = "") -> None:
+        """Raise :class:`LabelMapMismatch` naming ``what`` (a file, a model) when ``names`` differ from this map."""
+        diff = self.differences(names)
+        if diff is not None:
+            shown = ", ".join(self.names[:6]) + (", ..." if self.num_labels > 6 else "")
+            raise LabelMapMismatch(f"{what}: its classes do not match the dataset's label map ({self.num_labels} "
+                                   f"labels: {shown}): {diff}" + (f"; {fix}" if fix else ""))
 
     def label_of_category(self, category_id: int) -> int:
         """Written COCO ``category_id`` (1..K) -> label (0..K-1)."""

@@ -187,6 +187,7 @@ class CocoEvaluator:
             if p["image_id"] not in seen:
                 seen.add(p["image_id"])
                 unique.append(p)
+        self.num_duplicates = len(preds) - len(unique)  # images predicted more than once (by several processes)
         self._predictions = unique
         self._eval, self._accumulated = None, False
 
@@ -283,6 +284,7 @@ class CocoEvaluator:
         out["per_class_AP"] = per_class
         out["per_class_AP50"] = per_class50
         out["num_images"] = len(ev.params.imgIds) if ev is not None else 0
+        out["num_duplicates"] = getattr(self, "num_duplicates", 0)
         out["num_detections"] = int(sum(len(p["scores"]) for p in self._predictions))
         out["notes"] = list(self.notes)
         return out

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from rtcodetr.data.boxes import coco_xywh_to_xyxy
+from rtcodetr.errors import InputError
 from rtcodetr.evaluate.complexity import count_flops
 
 # Ultralytics NMS for COCO evaluation (ultralytics' own `val` defaults: conf 0.001, IoU 0.7, 300 detections).
@@ -87,6 +88,35 @@ def open_yolo(spec: str):
     return yolo
 
 
+METADATA_KEY = "rtcodetr"  # ONNX metadata_props key holding rtcodetr's export manifest (JSON)
+
+
+class OnnxFileError(ValueError, InputError):
+    """A file given as an ONNX graph cannot be read as one."""
+
+
+def read_export_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The manifest stored in an ONNX file by :func:`export_onnx` (``None`` for a graph exported by anything else).
+
+    Also recognises ultralytics exports: returns ``{"family": "yolo", "ultralytics": {...their metadata...}}``.
+    """
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"ONNX file {p} not found")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends: not an ONNX file
+        raise OnnxFileError(f"{p}: not a readable ONNX file ({type(e).__name__}: {e})") from None
+    props = {m.key: m.value for m in model.metadata_props}
+    if METADATA_KEY in props:
+        return json.loads(props[METADATA_KEY])
+    if props.get("author", "").startswith("Ultralytics"):
+        return {"family": "yolo", "ultralytics": props}
+    return None
+
+
 def _check_device(device: str, half: bool) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -97,14 +127,8 @@ def _check_device(device: str, half: bool) -> torch.device:
 
 
 def _check_names(source: str, names: Sequence[str], label_map: Any) -> None:
-    if label_map is None:  # no dataset to check against: trust the model's own class order
-        return
-    expected = list(label_map.names)
-    if list(names) != expected:
-        raise ValueError(
-            f"{source}: the model's classes {list(names)[:8]}{'…' if len(names) > 8 else ''} ({len(names)}) are not "
-            f"the dataset's labels in label order {expected[:8]}{'…' if len(expected) > 8 else ''} ({len(expected)})"
-        )
+    if label_map is not None:  # without a dataset to check against, trust the model's own class order
+        label_map.check(names, source, fix="the model's labels must be the dataset's, in label order")
 
 
 class Detector:
@@ -173,6 +197,22 @@ class TransformersDetector(Detector):
         if half:
             self.model.half()
         self.model.eval()
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, processor: Any, *, name: str = "model", label_map: Any = None,
+                   device: str | torch.device = "cpu") -> "TransformersDetector":
+        """A detector around a model already in memory (the trainer's validation: the weights that will become
+        ``best/``), with exactly the pre- and post-processing ``rtcodetr evaluate`` applies to the saved copy, so a
+        checkpoint is picked under the protocol it is reported with. The model's train/eval mode is the caller's."""
+        from rtcodetr.models import model_family
+
+        self = cls.__new__(cls)
+        Detector.__init__(self, name, Path(name), str(device), False)
+        self.model = model
+        id2label = model.config.id2label
+        self._set_processing(processor, [id2label[i] for i in range(len(id2label))], model_family(model),
+                             type(model).__name__, label_map, None)
+        return self
 
     def _set_processing(self, processor: Any, names: Sequence[str], family: str, architecture: str, label_map: Any,
                         imgsz: int | None) -> None:
@@ -368,7 +408,6 @@ class OnnxDetector(TransformersDetector):
         Detector.__init__(self, name, path, device, half)
         from transformers import AutoImageProcessor
 
-        from rtcodetr.export import read_export_metadata
         from rtcodetr.models import processor_geometry
 
         meta = read_export_metadata(path)
@@ -487,8 +526,6 @@ class UltralyticsDetector(Detector):
         train_args = getattr(self.yolo.model, "args", None) or {}
         trained_size = train_args.get("imgsz") if isinstance(train_args, Mapping) and not is_yaml else None
         if self.onnx:  # the size the graph was exported at (ultralytics writes it into the graph's metadata)
-            from rtcodetr.export import read_export_metadata
-
             exported = str((read_export_metadata(spec) or {}).get("ultralytics", {}).get("imgsz", ""))
             trained_size = int(exported.strip("[]").split(",")[0]) if exported.strip("[]") else None
         self.imgsz = int(imgsz or (trained_size if isinstance(trained_size, int) else DEFAULT_IMGSZ))
@@ -634,8 +671,6 @@ def detector_kind(path: str | Path) -> str:
     if p.suffix in (".pt", ".yaml", ".yml"):
         return "ultralytics"
     if p.suffix == ".onnx":
-        from rtcodetr.export import read_export_metadata
-
         meta = read_export_metadata(p)
         if meta is None:
             raise ValueError(f"{p}: an ONNX graph without rtcodetr or ultralytics metadata; write it with "

@@ -65,9 +65,7 @@ def train_yolo(data: str | Path, model: str | Path, out: str | Path, *, epochs: 
     exported = yaml.safe_load(Path(data_yaml).read_text())
     names = exported["names"]
     names = [names[i] for i in range(len(names))] if isinstance(names, dict) else list(names)
-    if names != list(prepared.label_map.names):
-        raise ValueError(f"{data_yaml}: exported class names {names} are not the label map's order "
-                         f"{prepared.label_map.names}")
+    prepared.label_map.check(names, f"{data_yaml} (YOLO export)")
 
     from ultralytics import YOLO
 
@@ -92,8 +90,7 @@ def train_yolo(data: str | Path, model: str | Path, out: str | Path, *, epochs: 
     if not weights.is_file():
         raise RuntimeError(f"ultralytics finished but wrote no weights under {save_dir / 'weights'}")
     trained = YOLO(str(weights), task="detect").names
-    if [trained[i] for i in range(len(trained))] != list(prepared.label_map.names):
-        raise RuntimeError(f"{weights}: trained class names {trained} differ from the label map")
+    prepared.label_map.check([trained[i] for i in range(len(trained))], f"{weights} (trained YOLO)")
     return weights
 
 
