@@ -57,7 +57,7 @@ def prepare(work: Path, args) -> dict[str, str]:
 
 
 def _loss_cfg(distill: bool):
-    from rtcodetr.train_student.train import LossConfig
+    from rtcodetr.train_student.config import LossConfig
 
     return LossConfig(feature_weight=1.0 if distill else 0.0, prediction_weight=1.0 if distill else 0.0,
                       feature_loss="pkd", feature_source="encoder", teacher_feature="backbone")
@@ -122,8 +122,11 @@ def step_bench(mode: str, paths: dict[str, str], *, size: int, batch: int, steps
     from rtcodetr.features import FeatureTap
     from rtcodetr.models import load_model, processor_geometry, set_trainable
     from rtcodetr.train_student.distill_data import DistillDataset, collate
-    from rtcodetr.train_student.train import (DistillCriterion, OptimConfig, StudentWithAdapters,
-                                              _to_device, build_weight_dict, param_groups)
+    from accelerate.utils import send_to_device
+    from rtcodetr.train_student.losses import DistillCriterion, build_weight_dict
+    from rtcodetr.train_student.config import OptimConfig
+    from rtcodetr.train_student.student import StudentWithAdapters
+    from rtcodetr.train_student.optim import param_groups
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got '{precision}'")
@@ -142,7 +145,7 @@ def step_bench(mode: str, paths: dict[str, str], *, size: int, batch: int, steps
                          draft_size=draft_size)
     ds = DistillDataset(base, cache if mode == "cached" else None, predictions=mode == "cached",
                         features=("backbone",) if mode == "cached" else (), topk=100)
-    batch_data = _to_device(collate([ds[i % len(ds)] for i in range(batch)]), device)
+    batch_data = send_to_device(collate([ds[i % len(ds)] for i in range(batch)]), device)
 
     student, _ = load_model(paths["student"])
     set_trainable(student, backbone=True, backbone_batchnorm=True)

@@ -773,7 +773,8 @@ def section_stability(plan: Plan, work: Work, rec: Recorder) -> None:
     import numpy as np
 
     from rtcodetr.config import load_config
-    from rtcodetr.train_student.train import TrainConfig, run
+    from rtcodetr.train_student.train import run
+    from rtcodetr.train_student.config import TrainConfig
 
     device = _device()
     data = work.data()

@@ -33,7 +33,7 @@ def one_thread():
 
 
 def _train_cfg(*words: str):
-    from rtcodetr.train_student.train import TrainConfig
+    from rtcodetr.train_student.config import TrainConfig
 
     return load_config(TrainConfig, None, [*COMMON, *words])
 
@@ -69,7 +69,7 @@ def test_two_processes_train_on_when_one_rank_has_no_boxes(tmp_path, synthetic_d
     from transformers import AutoConfig
 
     from rtcodetr.cache_teacher import CacheConfig, run
-    from rtcodetr.train_student.train import EpochBatchSampler
+    from rtcodetr.train_student.sampling import EpochBatchSampler
 
     model = tiny_model_dir("rtdetr-tiny")
     assert AutoConfig.from_pretrained(model).num_denoising > 0
@@ -116,7 +116,7 @@ def test_two_processes_train_on_when_one_rank_has_no_boxes(tmp_path, synthetic_d
 
 
 def test_nonfinite_policy_follows_precision():
-    from rtcodetr.train_student.train import nonfinite_policy
+    from rtcodetr.train_student.engine import nonfinite_policy
 
     assert nonfinite_policy("auto", "fp16") == "skip"
     assert nonfinite_policy("auto", "bf16") == "stop" and nonfinite_policy("auto", "no") == "stop"
@@ -179,6 +179,7 @@ def test_checkpoint_killed_while_saving_is_never_resumed(tmp_path, synthetic_dat
     checkpoints/step_2 was the newest one and resume=auto died on its truncated JSON; now it was still called
     .step_2.partial, so resume=auto takes step_1 and finishes, and the leftover is cleaned up."""
     from rtcodetr.train_student import train as trainer
+    from rtcodetr.train_student.checkpoints import find_checkpoint
 
     original = Path.write_text
     state = {"saves": 0}
@@ -198,7 +199,7 @@ def test_checkpoint_killed_while_saving_is_never_resumed(tmp_path, synthetic_dat
         trainer.run(_train_cfg(*common))
     monkeypatch.setattr(Path, "write_text", original)
     ckpts = tmp_path / "run" / "checkpoints"
-    assert trainer.find_checkpoint(tmp_path / "run", "auto") == ckpts / "step_1"
+    assert find_checkpoint(tmp_path / "run", "auto") == ckpts / "step_1"
     result = trainer.run(_train_cfg(*common, "resume=auto"))
     assert result["steps"] == 3 and not result["interrupted"]
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_1", "step_2", "step_3"]  # no .partial left

@@ -150,7 +150,7 @@ def test_every_plan_gives_configs_the_stages_accept(gpu_check, plan_name, tmp_pa
     config key fails in CI instead of on the device."""
     from rtcodetr.cache_teacher.config import CacheConfig
     from rtcodetr.config import load_config
-    from rtcodetr.train_student.train import TrainConfig
+    from rtcodetr.train_student.config import TrainConfig
 
     plan = getattr(gpu_check, plan_name)
     p = tmp_path

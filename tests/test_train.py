@@ -49,7 +49,7 @@ def _env() -> dict[str, str]:
 
 
 def _cfg(**kv):
-    from rtcodetr.train_student.train import TrainConfig
+    from rtcodetr.train_student.config import TrainConfig
 
     return load_config(TrainConfig, None, COMMON + [f"{k}={v}" for k, v in kv.items()])
 
@@ -108,8 +108,10 @@ def test_accelerate_launch_two_processes(tmp_path, synthetic_data, tiny_model_di
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["num_processes"] == 2 and results["steps"] == 2
-    # every val image was evaluated exactly once across the two processes
+    # every val image was evaluated exactly once across the two processes: all of them, and none by both (the
+    # evaluator's de-duplication by image id would hide two processes that each evaluated the whole split)
     assert results["metrics"]["num_images"] == len(synthetic_data.image_ids("val"))
+    assert results["metrics"]["num_duplicates"] == 0
     assert (out / "best" / "model.safetensors").is_file()
 
 
@@ -152,7 +154,7 @@ def test_label_map_mismatch_refuses_prediction_loss_only(tmp_path, synthetic_dat
         original_init(self, *args, **kwargs)
 
     monkeypatch.setattr(TeacherCache, "__init__", spy_init)
-    monkeypatch.setattr(TeacherCache, "label_map_matches", lambda self, label_map: False)
+    monkeypatch.setattr(TeacherCache, "teacher_label_names", property(lambda self: ["x", "y", "z", "w"]))
     common = dict(data=synthetic_data.root, model=tiny_model_dir("rtdetr-tiny"), cache=teacher_cache, eval_every=0)
     with pytest.raises(ConfigError, match="label map differs"):
         run(_cfg(out=tmp_path / "p", max_steps=1, **{"loss.prediction_weight": 1}, **common))
@@ -207,7 +209,8 @@ def test_overfit_reaches_nontrivial_train_map(tmp_path, one_thread):
     """
     from rtcodetr.data.synthetic import make_synthetic
     from rtcodetr.models import init_model
-    from rtcodetr.train_student.train import TrainConfig, run
+    from rtcodetr.train_student.train import run
+    from rtcodetr.train_student.config import TrainConfig
 
     data = make_synthetic(tmp_path / "data", train=4, val=4, test=4, size=128, seed=0)
     model = init_model("rtdetr-tiny", data.root, tmp_path / "model")
@@ -225,7 +228,8 @@ def test_same_command_fine_tunes_conditional_detr_teacher(tmp_path, synthetic_da
     when asked, padded shortest-edge batches and gradient accumulation work, best/ loads with transformers."""
     from transformers import AutoModelForObjectDetection
 
-    from rtcodetr.train_student.train import TrainConfig, run
+    from rtcodetr.train_student.train import run
+    from rtcodetr.train_student.config import TrainConfig
 
     cfg = load_config(TrainConfig, REPO / "configs" / "teacher_finetune.yaml", [
         f"data={synthetic_data.root}", f"model={tiny_model_dir('conditional-detr-tiny')}", f"out={tmp_path / 'run'}",
@@ -235,6 +239,14 @@ def test_same_command_fine_tunes_conditional_detr_teacher(tmp_path, synthetic_da
     assert result["steps"] == 2 and result["losses"] == ["detection"]
     model = AutoModelForObjectDetection.from_pretrained(result["best"])
     assert model.config.model_type == "conditional_detr"
+    # the backbone's BatchNorm trained: its running statistics moved away from the initial ones (a frozen
+    # BatchNorm, Conditional DETR's default, keeps them), and its affine weights were given to the optimizer
+    from safetensors.torch import load_file
+
+    before = load_file(tiny_model_dir("conditional-detr-tiny") / "model.safetensors")
+    after = load_file(Path(result["final"]) / "model.safetensors")
+    stats = [k for k in before if "backbone" in k and k.endswith("running_mean")]
+    assert stats and any(not torch.equal(before[k], after[k]) for k in stats)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lrs = {k for r in rows if r["type"] == "train" for k in r if k.startswith("lr/")}
     assert "lr/backbone" in lrs  # the backbone has trainable parameters (not frozen by the name-filter accident)
@@ -264,7 +276,7 @@ def test_model_ema_follows_formula_once_per_shared_tensor(tmp_path):
     save/load round-trips the average and the update count."""
     import math
 
-    from rtcodetr.train_student.train import ModelEMA
+    from rtcodetr.train_student.checkpoints import ModelEMA
 
     class Tied(torch.nn.Module):
         def __init__(self):
@@ -292,7 +304,7 @@ def test_model_ema_follows_formula_once_per_shared_tensor(tmp_path):
 
 def test_multiscale_keeps_padding_masked():
     """A padded batch resized for multi-scale keeps its padding out of the pixel mask."""
-    from rtcodetr.train_student.train import _apply_multiscale
+    from rtcodetr.train_student.engine import apply_multiscale as _apply_multiscale
 
     images = torch.zeros(2, 3, 64, 96)
     mask = torch.zeros(2, 64, 96, dtype=torch.int64)
@@ -308,26 +320,19 @@ def test_multiscale_keeps_padding_masked():
     assert bool(batch["pixel_mask"][1, :, :24].all()) and not bool(batch["pixel_mask"][1, :, 24:].any())
 
 
-def test_postprocess_top_k_in_original_pixels():
-    """Sigmoid top-k over queries x classes, boxes back through each image's own size and affine (per-image
-    reference: the box of query idx // K, label idx % K)."""
-    from rtcodetr.data.boxes import cxcywh_normalized_to_xyxy
-    from rtcodetr.data.transforms import boxes_to_original
-    from rtcodetr.train_student.train import PostProcess
+def test_validation_and_evaluation_share_one_protocol(tmp_path, synthetic_data, tiny_model_dir, one_thread):
+    """best/ is chosen under the protocol it is reported with: the mAP a run recorded for its best step equals what
+    `rtcodetr evaluate` gives for the saved best/ on the same split (same processor, same post-processing)."""
+    from rtcodetr.evaluate.api import evaluate_checkpoint
+    from rtcodetr.train_student.train import run
 
-    g = torch.Generator().manual_seed(0)
-    logits, boxes = torch.randn(2, 7, 3, generator=g), torch.rand(2, 7, 4, generator=g) * 0.5 + 0.1
-    size = torch.tensor([[64, 96], [80, 40]])
-    affine = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
-    affine[1, 0, 0], affine[1, 0, 2], affine[1, 1, 1] = 2.0, 5.0, 0.5  # image 1: scaled and shifted
-    out = PostProcess(max_detections=5)(logits, boxes, size, affine, [3, 4])
-    assert [o["image_id"] for o in out] == [3, 4]
-    for i in range(2):
-        scores, idx = logits[i].sigmoid().flatten().topk(5)
-        xyxy = cxcywh_normalized_to_xyxy(boxes[i, idx // 3], (int(size[i, 0]), int(size[i, 1])))
-        torch.testing.assert_close(out[i]["boxes"], boxes_to_original(xyxy, affine[i]))
-        torch.testing.assert_close(out[i]["scores"], scores)
-        assert torch.equal(out[i]["labels"], idx % 3)
+    result = run(_cfg(out=tmp_path / "run", data=synthetic_data.root, model=tiny_model_dir("rtdetr-tiny"),
+                      max_steps=6, eval_every=0, eval_every_steps=3, **{"optim.lr": 1e-3}))
+    assert result["best_map"] > 0  # a model that finds something, so the comparison is not 0 == 0
+    evaluated = evaluate_checkpoint(result["best"], synthetic_data.root, split="val")
+    assert evaluated["mAP"] == pytest.approx(result["best_map"], abs=1e-9)
+    best_row = next(r for r in result["val_history"] if r["step"] == result["best_step"])
+    assert evaluated["mAP50"] == pytest.approx(best_row["mAP50"], abs=1e-9)
 
 
 def test_ablation_arm_configs_differ_only_in_loss():
@@ -335,7 +340,7 @@ def test_ablation_arm_configs_differ_only_in_loss():
     apart in schedule, data or augmentation (arms may differ only in loss.*), and each arm switches its losses."""
     from dataclasses import asdict
 
-    from rtcodetr.train_student.train import TrainConfig
+    from rtcodetr.train_student.config import TrainConfig
 
     arms = {name: load_config(TrainConfig, REPO / "configs" / f"{name}.yaml", [])
             for name in ("baseline", "distill", "distill_feature", "distill_prediction")}

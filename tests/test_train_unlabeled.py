@@ -50,13 +50,13 @@ def one_thread():
 
 
 def _cfg(**kv):
-    from rtcodetr.train_student.train import TrainConfig
+    from rtcodetr.train_student.config import TrainConfig
 
     return load_config(TrainConfig, None, COMMON + [f"{k}={v}" for k, v in kv.items()])
 
 
 def test_mixed_batches_are_deterministic_resumable_and_split_across_processes():
-    from rtcodetr.train_student.train import MixedBatchSampler
+    from rtcodetr.train_student.sampling import MixedBatchSampler
 
     def batches(rank=0, world=1, epoch=1, start=0):
         s = MixedBatchSampler(10, 7, 3, 2, seed=5, rank=rank, world=world)
@@ -81,7 +81,7 @@ def test_detection_loss_ignores_unlabelled_images(unl_models):
     """The unlabelled image's queries get no gradient from the detection loss; the labelled one's do; a batch of
     unlabelled images alone gives a zero, finite detection loss that can be backpropagated."""
     from rtcodetr.models import load_model
-    from rtcodetr.train_student.train import _labelled_detection_loss
+    from rtcodetr.train_student.losses import labelled_detection_loss as _labelled_detection_loss
 
     torch.manual_seed(0)
     model, _ = load_model(unl_models["rtdetr-tiny"])

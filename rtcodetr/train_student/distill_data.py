@@ -19,7 +19,11 @@ import numpy as np
 import torch
 from scipy.special import expit
 
+from rtcodetr.config import ConfigError
 from rtcodetr.data.boxes import affine_boxes, clip_boxes, cxcywh_normalized_to_xyxy, xyxy_to_cxcywh_normalized
+from rtcodetr.data.dataset import CocoDetection
+from rtcodetr.data.transforms import build_transforms
+from rtcodetr.train_student.sampling import EpochBatchSampler, MixedBatchSampler
 
 FEATURE_TENSORS = ("backbone", "encoder")
 
@@ -83,13 +87,13 @@ class DistillDataset(torch.utils.data.Dataset):
             raise ValueError("distillation targets were requested but no teacher cache was given (set cache=...)")
         self._rows: np.ndarray | None = None
         if cache is not None:
-            missing = [int(i) for i in base.image_ids if not _has(cache, int(i))]
-            if missing:
-                raise ValueError(
-                    f"teacher cache {getattr(cache, 'path', cache)} has no row for {len(missing)} image id(s) of the "
-                    f"'{getattr(base, 'split', '?')}' split (first: {missing[:5]}); rebuild the cache for this dataset"
-                )
-            self._rows = np.asarray([cache.index_of(int(i)) for i in base.image_ids], dtype=np.int64)
+            # the reader checked the cache against this split (image ids and their order) when it was opened; this
+            # only maps ids to rows, and names the first id a cache opened without that check lacks
+            try:
+                self._rows = np.asarray([cache.index_of(int(i)) for i in base.image_ids], dtype=np.int64)
+            except KeyError as e:
+                raise ValueError(f"{e.args[0]} (split '{getattr(base, 'split', '?')}'); rebuild the cache for this "
+                                 "dataset") from None
 
     def __len__(self) -> int:
         return len(self.base)
@@ -120,10 +124,7 @@ class DistillDataset(torch.utils.data.Dataset):
             target = {**target, "labelled": False}  # images without annotations: no detection loss
         if self.cache is None or not (self.predictions or self.features):
             return image, target
-        row = self.cache[int(self._rows[i])]
-        if int(row["image_id"]) != int(target["image_id"]):
-            raise ValueError(f"teacher cache row {self._rows[i]} holds image id {int(row['image_id'])}, "
-                             f"expected {int(target['image_id'])}")
+        row = self.cache[int(self._rows[i])]  # the reader checks the row's stored image id against its manifest
         target = dict(target)
         if self.predictions:
             probs, weight, boxes = select_teacher_predictions(row["logits"], row["boxes"], self.topk)
@@ -143,14 +144,6 @@ class DistillDataset(torch.utils.data.Dataset):
 def _hw(x) -> tuple[int, int]:
     x = np.asarray(x.tolist() if torch.is_tensor(x) else x)
     return int(x[0]), int(x[1])
-
-
-def _has(cache, image_id: int) -> bool:
-    try:
-        cache.index_of(image_id)
-        return True
-    except (KeyError, IndexError, ValueError):
-        return False
 
 
 def pad_stack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,3 +210,46 @@ def _fill_missing_teacher_targets(targets: list[dict[str, Any]]) -> None:
                 t[key] = torch.zeros_like(ref[key])
                 t["teacher_valid"] = torch.zeros(2, dtype=torch.int64)
                 t["teacher_input_hw"] = torch.as_tensor(ref["teacher_input_hw"], dtype=torch.int64)
+
+
+def build_train_loader(cfg: Any, data: Any, teachers: Any, image_size: Any, normalize: tuple | None,
+                       rank: int, world: int, pin_memory: bool,
+                       log: Any = print) -> tuple[torch.utils.data.DataLoader, Any, list[DistillDataset]]:
+    """The training loader: the train split (with its cache rows, when distilling from a cache) and, with
+    ``cfg.unlabeled_split``, mixed batches with the unlabelled split. Returns (loader, its batch sampler, the datasets
+    whose augmentation follows the epoch: ``set_epoch`` each of them and the sampler at every epoch)."""
+    lcfg = cfg.loss
+
+    def distill_set(split: str, split_cache: Any, stream: int) -> DistillDataset:
+        base = CocoDetection(data, split, build_transforms(True, image_size, cfg.aug, normalize),
+                             draft_size=cfg.draft_size)
+        return DistillDataset(base, split_cache, predictions=teachers.use_predictions and split_cache is not None,
+                              features=(lcfg.teacher_feature,) if teachers.use_features and split_cache is not None
+                              else (), topk=lcfg.topk, seed=cfg.seed + stream * 1_000_003)
+
+    train_set = distill_set(cfg.train_split, teachers.cache, 0)
+    epoch_sets = [train_set]
+    if cfg.unlabeled_split:
+        unl_set = distill_set(cfg.unlabeled_split, teachers.unlabeled_cache, 1)
+        epoch_sets.append(unl_set)
+        n_unl = int(round(cfg.batch_size * cfg.unlabeled_ratio))
+        if not 1 <= n_unl <= cfg.batch_size - 1:
+            raise ConfigError(f"unlabeled_ratio={cfg.unlabeled_ratio} with batch_size={cfg.batch_size} gives "
+                              f"{n_unl} unlabelled images per batch; it must leave at least one of each kind")
+        sampler = MixedBatchSampler(len(train_set), len(unl_set), cfg.batch_size - n_unl, n_unl, cfg.seed, rank,
+                                    world)
+        dataset: torch.utils.data.Dataset = torch.utils.data.ConcatDataset([train_set, unl_set])
+        log(f"{len(unl_set)} unlabelled images ('{cfg.unlabeled_split}'): {n_unl} of each batch of "
+            f"{cfg.batch_size}, distillation losses only")
+    else:
+        sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, rank, world)
+        dataset = train_set
+    if sampler.batches_per_process() < cfg.grad_accum_steps:
+        raise ConfigError(f"train split '{cfg.train_split}' has {len(train_set)} images: too few for batch_size="
+                          f"{cfg.batch_size} x grad_accum_steps={cfg.grad_accum_steps} x {world} processes")
+    # Own generator: a DataLoader without one draws its worker base seed from the global RNG at every epoch, which
+    # would shift the model's denoising noise between an uninterrupted and a resumed run.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                         collate_fn=collate, pin_memory=pin_memory,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    return loader, sampler, epoch_sets

@@ -13,7 +13,7 @@ Both losses are exactly zero when the student reproduces the teacher:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,10 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import batched_nms, box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
+
+from rtcodetr.features import STRIDE
+from rtcodetr.train_student.config import LossConfig
+from rtcodetr.train_student.resample import resample_teacher_features
 
 _EPS = 1e-6
 _PKD_REL_EPS = 1e-3  # PKD std floor, relative to the mean channel std of the sample (scale-invariant)
@@ -387,3 +391,94 @@ def split_denoising(outputs) -> tuple[torch.Tensor, torch.Tensor]:
     layers_logits.append(outputs.logits)
     layers_boxes.append(outputs.pred_boxes)
     return torch.stack(layers_logits, 1), torch.stack(layers_boxes, 1)
+
+
+# ------------------------------------------------------------------------------------------------------ criterion
+
+
+class DistillCriterion(nn.Module):
+    """Named, unweighted losses: ``detection`` (the model's own), ``feature``, ``pred_class``/``pred_l1``/``pred_giou``.
+
+    The teacher side comes from the batch (cache rows), never requires grad, and is moved to the student's frame
+    here: boxes were moved by the affine in the workers, feature maps are resampled now, on the device.
+    """
+
+    def __init__(self, cfg: LossConfig, use_features: bool, use_predictions: bool, teacher_stride: float = STRIDE,
+                 student_stride: float = STRIDE, student_config=None):
+        super().__init__()
+        self.cfg = cfg
+        self.use_features, self.use_predictions = use_features, use_predictions
+        self.teacher_stride, self.student_stride = teacher_stride, student_stride
+        self.feature_loss = FeatureDistillLoss(cfg.feature_loss) if use_features else None
+        self.prediction_loss = None
+        if use_predictions:
+            gt_matcher = gt_matcher_for(student_config) if cfg.pred_assignment == "gt" else None
+            self.prediction_loss = PredictionDistillLoss(
+                DistillMatcher(cfg.match_class_cost, cfg.match_l1_cost, cfg.match_giou_cost),
+                assignment=cfg.pred_assignment, gt_matcher=gt_matcher, min_confidence=cfg.pred_min_confidence,
+                gt_iou=cfg.pred_gt_iou, annotated=cfg.pred_annotated,
+                nms_iou=cfg.pred_nms_iou)
+
+    def computes(self, name: str) -> bool:
+        """Whether this criterion returns the distillation loss ``name`` (``feature``, ``pred_*``)."""
+        return (name == "feature" and self.use_features) or (name.startswith("pred_") and self.use_predictions)
+
+    def forward(self, outputs, student_map: torch.Tensor | None, batch: dict[str, Any],
+                detection: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``detection``: the detection loss when it is not ``outputs.loss`` (batches with unlabelled images)."""
+        losses = {"detection": outputs.loss if detection is None else detection}
+        if self.use_features:
+            # the frame the teacher saw: the original image (cache), or the current view itself (online teacher)
+            teacher_map, mask = resample_teacher_features(
+                batch[f"teacher_{self.cfg.teacher_feature}"], batch.get("teacher_affine", batch["affine"]),
+                batch.get("teacher_orig_size", batch["orig_size"]),
+                batch["teacher_input_hw"], batch["teacher_valid"], batch["size"], tuple(student_map.shape[-2:]),
+                self.teacher_stride, self.student_stride)
+            weights = None
+            if self.cfg.feature_fg_weight > 0:
+                weights = foreground_weights([t["boxes"] for t in batch["targets"]], tuple(student_map.shape[-2:]),
+                                             self.student_stride, self.cfg.feature_fg_weight, student_map.device)
+            losses["feature"] = self.feature_loss(student_map, teacher_map, mask, weights)
+        if self.use_predictions:
+            logits, boxes = split_denoising(outputs)
+            targets = [PredictionTargets(probs=t["teacher_probs"], boxes=t["teacher_boxes_cxcywh"],
+                                         weight=t["teacher_weight"]) for t in batch["targets"]]
+            losses.update(self.prediction_loss(logits, boxes, targets, batch["labels"]))
+        return losses
+
+
+def build_weight_dict(cfg: LossConfig) -> dict[str, float]:
+    """The one place where loss weights live (raw losses times these are summed)."""
+    return {
+        "detection": cfg.detection_weight,
+        "feature": cfg.feature_weight,
+        "pred_class": cfg.prediction_weight * cfg.pred_class_weight,
+        "pred_l1": cfg.prediction_weight * cfg.pred_l1_weight,
+        "pred_giou": cfg.prediction_weight * cfg.pred_giou_weight,
+    }
+
+
+def labelled_detection_loss(model: nn.Module, outputs, labels: list[dict], labelled: list[bool]) -> torch.Tensor:
+    """The model's own detection loss over the labelled images of a batch only (RT-DETR family).
+
+    Inside the model every image counts, and an image without annotations would be trained as pure background. The
+    loss is recomputed on the labelled images' outputs (denoising queries included, indexed per image). A batch
+    without labelled images gives a zero that is still part of the graph. (Under DDP the loop keeps every parameter
+    in the graph on every rank anyway.)
+    """
+    keep = [i for i, flag in enumerate(labelled) if flag]
+    if not keep:
+        return outputs.loss * 0.0
+    if len(keep) == len(labelled):
+        return outputs.loss
+    idx = torch.as_tensor(keep, device=outputs.logits.device)
+    meta = outputs.denoising_meta_values
+    if meta is not None:
+        meta = {**meta, "dn_positive_idx": [meta["dn_positive_idx"][i] for i in keep]}
+    pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+    loss, _, _ = model.loss_function(
+        pick(outputs.logits), [labels[i] for i in keep], outputs.logits.device, pick(outputs.pred_boxes), model.config,
+        pick(outputs.intermediate_logits), pick(outputs.intermediate_reference_points),
+        enc_topk_logits=pick(outputs.enc_topk_logits), enc_topk_bboxes=pick(outputs.enc_topk_bboxes),
+        denoising_meta_values=meta)
+    return loss

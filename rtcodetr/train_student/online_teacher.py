@@ -18,7 +18,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from rtcodetr.cache_teacher.geometry import STRIDE, resize_hw, valid_cells
+from rtcodetr.cache_teacher.geometry import resize_hw, valid_cells
+from rtcodetr.cache_teacher.teacher import Teacher
+from rtcodetr.features import STRIDE, feature_channels
 from rtcodetr.data.boxes import clip_boxes, cxcywh_normalized_to_xyxy, xyxy_to_cxcywh_normalized
 from rtcodetr.train_student.distill_data import select_teacher_predictions
 
@@ -39,8 +41,6 @@ class OnlineTeacher:
 
     def __init__(self, path: str, device: torch.device, *, features: Sequence[str] = (), predictions: bool = False,
                  topk: int = 100, student_normalize: tuple | None = None, mixed_precision: str = "no"):
-        from rtcodetr.cache_teacher.teacher import Teacher
-
         self.teacher = Teacher(path, device, mixed_precision)
         self.features, self.predictions, self.topk = tuple(features), predictions, topk
         self.device = torch.device(device)
@@ -58,8 +58,6 @@ class OnlineTeacher:
 
     def channels(self, name: str) -> int:
         """Channels of the teacher's ``name`` map (for the student's 1x1 adapter), from its config."""
-        from rtcodetr.features import feature_channels
-
         return int(feature_channels(self.teacher.model)[name])
 
     def _teacher_batch(self, pixel_values: torch.Tensor, sizes: torch.Tensor) -> dict[str, Any]:

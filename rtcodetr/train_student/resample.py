@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rtcodetr.features import STRIDE
+
 
 def student_to_teacher_theta(
     affine: torch.Tensor,
@@ -64,8 +66,8 @@ def resample_teacher_features(
     teacher_valid: torch.Tensor,
     current_hw: torch.Tensor,
     student_grid_hw: tuple[int, int],
-    teacher_stride: float = 32.0,
-    student_stride: float = 32.0,
+    teacher_stride: float = STRIDE,
+    student_stride: float = STRIDE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp cached teacher maps onto the student's grid; return (maps ``[B, Ct, Hs, Ws]``, mask ``[B, 1, Hs, Ws]``).
 
