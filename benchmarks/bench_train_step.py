@@ -152,7 +152,7 @@ def step_bench(mode: str, paths: dict[str, str], *, size: int, batch: int, steps
     teacher_channels = int(cache.manifest["tensors"]["backbone"]["shape"][0])
     net = StudentWithAdapters(student, "encoder" if distill else None, teacher_channels).to(device).train()
     lcfg = _loss_cfg(distill)
-    criterion = DistillCriterion(lcfg, distill, distill)
+    criterion = DistillCriterion(lcfg, distill, distill, student_config=student.config)
     weights = build_weight_dict(lcfg)
     opt = torch.optim.AdamW(param_groups(net, OptimConfig()), lr=1e-4)
     amp_dtype = PRECISIONS[precision]
