@@ -60,15 +60,17 @@ def test_sweep_refuses_ambiguous_init_and_unknown_checkpoint(tmp_path):
         run(SweepConfig(model="m", checkpoint="last", **base))
 
 
-def test_ablation_demo_trains_the_demos_students():
-    """configs/ablation_demo.yaml must measure the students `make demo` trains: same trainer file, same settings."""
+@pytest.mark.parametrize("name", ["ablation_demo", "ablation_semi"])
+def test_ablation_demo_trains_the_demos_students(name):
+    """configs/ablation_{demo,semi}.yaml must measure the students `rtcodetr demo` trains: same trainer file, same
+    settings, the demo's unlabelled cache."""
     from pathlib import Path
 
     from rtcodetr.config import load_config
     from rtcodetr.demo import DemoConfig
 
     repo = Path(__file__).resolve().parents[1]
-    cfg = load_config(SweepConfig, repo / "configs" / "ablation_demo.yaml", [])
+    cfg = load_config(SweepConfig, repo / "configs" / f"{name}.yaml", [])
     demo = DemoConfig()
     assert Path(cfg.train_config).name == Path(demo.student_config).name
     assert cfg.init_preset == demo.student_preset and cfg.split == demo.eval_split
@@ -76,5 +78,15 @@ def test_ablation_demo_trains_the_demos_students():
     assert words["max_steps"] == str(demo.student_steps) and words["batch_size"] == str(demo.student_batch_size)
     assert words["image_size"] == f"[{demo.image_size}, {demo.image_size}]"
     assert words["num_workers"] == str(demo.num_workers)
-    assert cfg.arms["distill"] == {}  # the shipped defaults, untouched
-    assert set(cfg.arms) >= {"baseline", "feature", "prediction", "distill", "online"}
+    base = cfg.arms[cfg.baseline_arm]
+    assert base["cache"] is None and base["loss"] == {"feature_weight": 0.0, "prediction_weight": 0.0}
+    demo_out = Path(cfg.data).parent
+    assert Path(cfg.cache) == demo_out / "cache" / "train.zarr"
+    unlabeled = [a for a in cfg.arms.values() if a.get("unlabeled_split")]
+    assert unlabeled and all(Path(a["unlabeled_cache"]) == demo_out / "cache" / f"{a['unlabeled_split']}.zarr"
+                             for a in unlabeled)
+    if name == "ablation_demo":
+        assert cfg.arms["distill"] == {}  # the shipped defaults, untouched
+        assert set(cfg.arms) >= {"baseline", "feature", "prediction", "distill", "online"}
+    else:
+        assert cfg.arms["labelled_kd"] == {} and set(cfg.arms) == {"labelled", "labelled_kd", "unlabeled_kd"}
