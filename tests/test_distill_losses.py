@@ -417,3 +417,35 @@ def test_prediction_loss_without_teacher_boxes_is_zero_and_differentiable():
     assert all(float(v.detach()) == 0.0 for v in losses.values())
     sum(losses.values()).backward()
     assert logits.grad is not None and torch.count_nonzero(logits.grad) == 0
+
+
+def test_feature_mirrored_skip_leaves_flipped_views_out_of_the_feature_loss():
+    """A flipped view of a cached image has no correct cached feature target (features are not flip-equivariant):
+    feature_mirrored=skip distils only the unflipped samples, resample (default) distils both."""
+    from rtcodetr.train_student.config import LossConfig
+    from rtcodetr.train_student.losses import DistillCriterion, mirrored_views
+
+    flip = torch.tensor([[-1.0, 0, 64], [0, 1, 0], [0, 0, 1]])
+    zoom = torch.tensor([[0.5, 0, 8], [0, 0.5, 8], [0, 0, 1]])
+    vflip = torch.tensor([[1.0, 0, 0], [0, -1, 64], [0, 0, 1]])
+    assert mirrored_views(torch.stack([torch.eye(3), flip, zoom, vflip, flip @ vflip])).tolist() == \
+        [False, True, False, True, False]  # a 180 degree turn keeps orientation
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 8, 2, 2, generator=g)
+    student = torch.randn(2, 8, 2, 2, generator=g)
+    batch = {"teacher_encoder": teacher, "affine": torch.stack([torch.eye(3), flip]),
+             "orig_size": torch.tensor([[64, 64]] * 2), "size": torch.tensor([[64, 64]] * 2),
+             "teacher_input_hw": torch.tensor([[64, 64]] * 2), "teacher_valid": torch.tensor([[2, 2]] * 2),
+             "targets": [{"boxes": torch.zeros(0, 4)}] * 2}
+    outputs = SimpleNamespace(loss=torch.tensor(0.0))
+
+    def feature(mode, idx=slice(None)):
+        crit = DistillCriterion(LossConfig(feature_weight=1.0, feature_loss="pkd", feature_mirrored=mode), True, False)
+        part = {k: (v[idx] if torch.is_tensor(v) else v[idx]) for k, v in batch.items()}
+        return crit(outputs, student[idx], part)["feature"]
+
+    both, unflipped_only = feature("resample"), feature("resample", slice(0, 1))
+    skipped = feature("skip")
+    assert torch.allclose(skipped, unflipped_only) and not torch.allclose(both, unflipped_only)
+    assert float(feature("skip", slice(1, 2))) == 0.0  # only a flipped view: nothing to distil, no NaN

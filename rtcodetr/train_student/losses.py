@@ -396,6 +396,12 @@ def split_denoising(outputs) -> tuple[torch.Tensor, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------------ criterion
 
 
+def mirrored_views(affine: torch.Tensor) -> torch.Tensor:
+    """bool ``[B]``: whether each sample's original -> current affine (float ``[B, 3, 3]``) reverses orientation (a
+    horizontal or vertical flip), i.e. the determinant of its linear part is negative."""
+    return torch.linalg.det(affine[:, :2, :2].double()) < 0
+
+
 class DistillCriterion(nn.Module):
     """Named, unweighted losses: ``detection`` (the model's own), ``feature``, ``pred_class``/``pred_l1``/``pred_giou``.
 
@@ -429,11 +435,14 @@ class DistillCriterion(nn.Module):
         losses = {"detection": outputs.loss if detection is None else detection}
         if self.use_features:
             # the frame the teacher saw: the original image (cache), or the current view itself (online teacher)
+            teacher_affine = batch.get("teacher_affine", batch["affine"])
             teacher_map, mask = resample_teacher_features(
-                batch[f"teacher_{self.cfg.teacher_feature}"], batch.get("teacher_affine", batch["affine"]),
+                batch[f"teacher_{self.cfg.teacher_feature}"], teacher_affine,
                 batch.get("teacher_orig_size", batch["orig_size"]),
                 batch["teacher_input_hw"], batch["teacher_valid"], batch["size"], tuple(student_map.shape[-2:]),
                 self.teacher_stride, self.student_stride)
+            if self.cfg.feature_mirrored == "skip":
+                mask = mask * (~mirrored_views(teacher_affine)).to(mask.dtype).view(-1, 1, 1, 1)
             weights = None
             if self.cfg.feature_fg_weight > 0:
                 weights = foreground_weights([t["boxes"] for t in batch["targets"]], tuple(student_map.shape[-2:]),
