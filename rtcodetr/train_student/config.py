@@ -46,7 +46,7 @@ class LossConfig:
     feature_fg_weight: float = 0.0  # extra weight on cells whose centre lies in a GT box (0: uniform)
     # a view mirrored relative to the frame the teacher saw (a flip of a cached image): "resample" distils the mirrored
     # teacher map; "skip" leaves that sample out of the feature loss. CNN and encoder features are not flip-equivariant
-    # (a left-edge channel is not a right-edge one; measured: cos 0.63-0.72 between f(flip x) and flip f(x) for the
+    # (a left-edge channel is not a right-edge one; measured: cosine 0.59-0.72 between f(flip x) and flip f(x) for the
     # demo teacher's encoder maps), so a mirrored map is a wrong target. An online teacher sees the view itself.
     feature_mirrored: Literal["resample", "skip"] = "resample"
     prediction_weight: float = 0.0  # multiplies the three parts below
