@@ -158,17 +158,20 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     timings["teacher"] = time.time() - t0
 
     splits = ["train"] + (["unlabeled"] if cfg.unlabeled_images else [])
-    _stage(3, f"cache the teacher ({' and '.join(splits)} split)")
+    _stage(3, f"cache the teacher ({' and '.join(splits)} split; train once more on mirrored images)")
     t0 = time.time()
     from rtcodetr.cache_teacher import CacheConfig, run as cache_run
 
-    for split in splits:
+    # (split, store, extra words): the train split once more with the teacher on mirrored images, the feature
+    # targets of flipped views (teacher maps are not flip-equivariant; docs/CACHE.md)
+    jobs = [(split, f"{split}.zarr", []) for split in splits] + [("train", "train_mirror.zarr", ["geometry.hflip=true"])]
+    for split, store, extra in jobs:
         cache_cfg = load_config(CacheConfig, None, [f"data={data_dir}", f"split={split}", f"teacher={teacher_dir}",
-                                                    f"out={out / 'cache' / f'{split}.zarr'}",
+                                                    f"out={out / 'cache' / store}",
                                                     f"num_workers={cfg.num_workers}",
                                                     # a teacher trained in this run has new weights: its old cache
                                                     # is stale
-                                                    f"overwrite={'false' if teacher_reused else 'true'}"])
+                                                    f"overwrite={'false' if teacher_reused else 'true'}", *extra])
         cache_run(cache_cfg)
     cache_dir = out / "cache" / "train.zarr"
     timings["cache"] = time.time() - t0

@@ -513,3 +513,69 @@ def test_other_thread_count_stays_within_storage_rounding(tmp_path, rt_cache, rt
     swapped[[0, 1]] = swapped[[1, 0]]
     with pytest.raises(AssertionError, match="beyond storage rounding"):
         assert_within_storage_rounding(ref["encoder"], swapped, "encoder")
+
+
+def test_mirror_cache_gives_flipped_views_the_teachers_own_map(tmp_path, synthetic_data, tiny_model_dir, small_cache):
+    """A feature map is not flip-equivariant, so a flipped view's target must be the teacher's map of the mirrored
+    image. A cache made with geometry.hflip=true feeds the teacher the mirrored input (its boxes still go back to the
+    original frame), and the trainer's dataset reads it for flipped views in that map's own frame: the resampled
+    target of a flipped view is the mirror cache's map as stored, not the plain cache's map mirrored."""
+    from rtcodetr.cache_teacher import CacheConfig, TeacherCache, run
+    from rtcodetr.config import load_config
+    from rtcodetr.data.dataset import CocoDetection
+    from rtcodetr.data.transforms import AugmentConfig, build_transforms
+    from rtcodetr.train_student.distill_data import DistillDataset, collate
+    from rtcodetr.train_student.resample import resample_teacher_features
+
+    mirror_dir = tmp_path / "mirror"
+    run(load_config(CacheConfig, None, [
+        f"data={synthetic_data.root}", f"teacher={tiny_model_dir('rtdetr-tiny')}", f"out={mirror_dir}",
+        "samples_per_shard=4", "batch_size=4", "num_workers=0", "progress=false", "dtype=float32",
+        "geometry.size_hw=[128,128]", "geometry.hflip=true"]))
+    plain = TeacherCache(small_cache, data=synthetic_data, split="train", tensors=["encoder", "boxes"])
+    mirror = TeacherCache(mirror_dir, data=synthetic_data, split="train", tensors=["encoder", "boxes"])
+    assert mirror.mirrored and not plain.mirrored
+
+    # the teacher's input of the mirror cache is the plain input mirrored; the recorded affine says so
+    geometry = dict(plain.manifest["geometry"])
+    base = CocoDetection(synthetic_data, "train", None)
+    px, meta = TeacherInputs(base, geometry, draft=False)[3]
+    mpx, mmeta = TeacherInputs(base, {**geometry, "hflip": True}, draft=False)[3]
+    assert torch.equal(mpx, px.flip(-1))
+    w = float(meta["input_hw"][1])
+    assert torch.allclose(mmeta["affine"], torch.tensor([[-1.0, 0, w], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)
+                          @ meta["affine"])
+
+    aug = AugmentConfig(stop_epoch=None, photometric_p=0.0, zoom_out_p=0.0, iou_crop_p=0.0, flip_p=1.0)
+
+    def targets(mirror_cache):
+        ds = DistillDataset(CocoDetection(synthetic_data, "train", build_transforms(True, (128, 128), aug)), plain,
+                            features=("encoder",), mirror_cache=mirror_cache)
+        batch = collate([ds[i] for i in range(4)])
+        maps, mask = resample_teacher_features(batch["teacher_encoder"], batch.get("teacher_affine", batch["affine"]),
+                                               batch["orig_size"], batch["teacher_input_hw"], batch["teacher_valid"],
+                                               batch["size"], (4, 4))
+        return maps, mask
+
+    from_mirror, mask = targets(mirror)
+    from_plain, _ = targets(None)
+    stored_mirror = torch.stack([torch.from_numpy(np.asarray(mirror[i]["encoder"], dtype=np.float32)) for i in range(4)])
+    stored_plain = torch.stack([torch.from_numpy(np.asarray(plain[i]["encoder"], dtype=np.float32)) for i in range(4)])
+    assert bool(mask.all())
+    torch.testing.assert_close(from_mirror, stored_mirror, atol=1e-9, rtol=1e-4)  # as stored: same frame as the view
+    torch.testing.assert_close(from_plain, stored_plain.flip(-1), atol=1e-9, rtol=1e-4)  # the mirrored plain map
+    assert np.isfinite(mirror[0]["boxes"]).all() and mirror[0]["boxes"].shape == plain[0]["boxes"].shape
+
+
+def test_trainer_refuses_a_mirror_cache_as_the_plain_one(tmp_path, synthetic_data, tiny_model_dir, small_cache):
+    from rtcodetr.config import ConfigError
+    from rtcodetr.train_student.config import TrainConfig
+    from rtcodetr.train_student.teachers import open_teachers
+
+    cfg = TrainConfig(data=str(synthetic_data.root), mirror_cache=str(small_cache), out=str(tmp_path / "run"))
+    cfg.loss.feature_weight = 1.0
+    with pytest.raises(ConfigError, match="needs cache="):
+        open_teachers(cfg, synthetic_data, torch.device("cpu"), None, lambda m: None)
+    cfg.cache = str(small_cache)
+    with pytest.raises(ConfigError, match="was not made on mirrored images"):
+        open_teachers(cfg, synthetic_data, torch.device("cpu"), None, lambda m: None)

@@ -33,6 +33,9 @@ def test_demo_smallest_settings_end_to_end(tmp_path, capsys):
     png = (out / "plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24])[0] > 100
 
+    from rtcodetr.cache_teacher import TeacherCache
+
+    assert TeacherCache(out / "cache" / "train_mirror.zarr").mirrored  # flipped views' targets, for the ablation
     # the students shared one schedule and seed; only the distilled one read the cache
     base_cfg = (out / "baseline" / "config.yaml").read_text()
     dist_cfg = (out / "distilled" / "config.yaml").read_text()

@@ -85,7 +85,10 @@ def test_ablation_demo_trains_the_demos_students(name):
     unlabeled = [a for a in cfg.arms.values() if a.get("unlabeled_split")]
     assert unlabeled and all(Path(a["unlabeled_cache"]) == demo_out / "cache" / f"{a['unlabeled_split']}.zarr"
                              for a in unlabeled)
+    mirrored = [a for a in cfg.arms.values() if a.get("mirror_cache")]
+    assert all(Path(a["mirror_cache"]) == demo_out / "cache" / "train_mirror.zarr" for a in mirrored)
     if name == "ablation_demo":
+        assert mirrored  # the demo caches the train split on mirrored images too
         assert cfg.arms["distill"] == {}  # the shipped defaults, untouched
         assert set(cfg.arms) >= {"baseline", "feature", "prediction", "distill", "online"}
     else:

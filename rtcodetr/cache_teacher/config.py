@@ -29,6 +29,10 @@ class GeometryConfig:
     # each image before batch padding) or "padded" (a teacher fine-tuned with transformers' processors and
     # pad(update_bboxes=True)). RT-DETR inputs are not padded: both give the same boxes.
     box_reference: str = "unpadded"
+    # Teacher on the mirrored (left-right flipped) image: a second cache whose feature maps serve the student's
+    # flipped views (teacher maps are not flip-equivariant, so mirroring the plain cache's map is a wrong target).
+    # Boxes are stored in the original image's frame either way.
+    hflip: bool = False
 
 
 @dataclass

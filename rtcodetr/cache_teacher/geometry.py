@@ -84,6 +84,8 @@ def resolve_geometry(processor_geom: dict, cfg: GeometryConfig, sizes_hw: np.nda
     geom["rescale_factor"] = float(processor_geom.get("rescale_factor", 1 / 255))
     geom["box_reference"] = cfg.box_reference
     geom["interpolation"] = "bilinear, antialias"
+    if cfg.hflip:
+        geom["hflip"] = True  # absent (not False) otherwise: manifests of plain caches stay as they were
     geom["source"] = "config" if overridden else "processor"  # informative; last so a diff names the setting
     return geom
 
@@ -129,12 +131,17 @@ class TeacherInputs(torch.utils.data.Dataset):
         image, target = self.to_tensor(image, target)
         if self.normalize is not None:
             image, target = self.normalize(image, target)
+        affine = torch.as_tensor(target["affine"], dtype=torch.float64)
+        if self.geometry.get("hflip"):
+            image = image.flip(-1)
+            mirror = torch.tensor([[-1.0, 0.0, float(nw)], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+            affine = mirror @ affine  # original -> mirrored input: boxes still go back to the original frame
         meta = {
             "index": int(i),
             "image_id": int(target["image_id"]),
             "orig_hw": torch.as_tensor([h0, w0], dtype=torch.int64),
             "input_hw": torch.as_tensor([nh, nw], dtype=torch.int64),
-            "affine": torch.as_tensor(target["affine"], dtype=torch.float64),
+            "affine": affine,
         }
         return image, meta
 

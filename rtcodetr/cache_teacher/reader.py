@@ -120,6 +120,11 @@ class TeacherCache:
         return int(tensors[name]["shape"][-3])  # per-sample shapes: [C, Hf, Wf]
 
     @property
+    def mirrored(self) -> bool:
+        """Whether the teacher saw the mirrored images (a cache made with ``geometry.hflip=true``)."""
+        return bool(self.manifest.get("geometry", {}).get("hflip", False))
+
+    @property
     def stride(self) -> float:
         """Stride of the cached feature maps in teacher-input pixels."""
         return float(self.manifest.get("geometry", {}).get("stride", 32))

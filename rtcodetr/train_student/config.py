@@ -79,6 +79,9 @@ class TrainConfig:
     # Images without annotations (`rtcodetr data add-images`): they get the distillation losses only, from their own
     # cache (or the online teacher); `unlabeled_ratio` of every batch comes from them. `cache` stays the labelled
     # split's cache and is optional here (without it labelled images get the detection loss only).
+    # The same split cached with `geometry.hflip=true` (the teacher on mirrored images): flipped views take their
+    # feature targets from it, so every view gets the teacher's map of what it shows (needs `cache`).
+    mirror_cache: str | None = None
     unlabeled_split: str | None = None
     unlabeled_cache: str | None = None
     unlabeled_ratio: float = 0.5

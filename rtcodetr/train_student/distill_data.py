@@ -70,14 +70,16 @@ class DistillDataset(torch.utils.data.Dataset):
       ``teacher_weight`` float32 ``[T]`` (max probability): the teacher's top-``topk`` predictions that survive the
       augmentation;
     - ``teacher_<name>`` float32 ``[C, Hf, Wf]`` for each feature tensor, with ``teacher_valid`` int64 ``[2]`` and
-      ``teacher_input_hw`` int64 ``[2]``.
+      ``teacher_input_hw`` int64 ``[2]``; with a ``mirror_cache`` (the teacher on mirrored images) a flipped view
+      takes its maps from it, and every sample gets ``teacher_affine`` float64 ``[3, 3]``: the map's frame -> current.
     Augmentation randomness is seeded per ``(seed, epoch, index)`` so a resumed run sees the same views.
     """
 
     def __init__(self, base, cache=None, *, predictions: bool = False, features: Sequence[str] = (), topk: int = 100,
-                 seed: int = 0):
+                 seed: int = 0, mirror_cache=None):
         self.base = base
         self.cache = cache
+        self.mirror_cache = mirror_cache if features else None
         self.predictions = predictions
         self.features = tuple(features)
         self.topk = topk
@@ -133,6 +135,13 @@ class DistillDataset(torch.utils.data.Dataset):
             target["teacher_boxes"] = torch.from_numpy(boxes)
             target["teacher_probs"] = torch.from_numpy(probs[keep])
             target["teacher_weight"] = torch.from_numpy(weight[keep])
+        if self.mirror_cache is not None:
+            affine = np.asarray(target["affine"], dtype=np.float64)
+            if np.linalg.det(affine[:2, :2]) < 0:  # a flipped view: the teacher's map of the mirrored image
+                row = self.mirror_cache[int(self._rows[i])]
+                w0 = float(_hw(target["orig_size"])[1])
+                affine = affine @ np.array([[-1.0, 0.0, w0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # mirrored -> current
+            target["teacher_affine"] = torch.from_numpy(affine)
         for name in self.features:
             target[f"teacher_{name}"] = torch.from_numpy(np.ascontiguousarray(row[name], dtype=np.float32))
         if self.features:
@@ -185,6 +194,9 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
             out[key] = pad_stack([t[key] for t in targets])[0]
     for key in ("affine",):
         out[key] = torch.stack([torch.as_tensor(np.asarray(t[key]), dtype=torch.float64) for t in targets])
+    if any("teacher_affine" in t for t in targets):  # a mirror cache: each map's own frame (else the sample's)
+        out["teacher_affine"] = torch.stack([torch.as_tensor(np.asarray(t.get("teacher_affine", t["affine"])),
+                                                             dtype=torch.float64) for t in targets])
     for key in ("orig_size", "size", "teacher_valid", "teacher_input_hw"):
         if key in targets[0]:
             out[key] = torch.stack([torch.as_tensor(np.asarray(t[key]), dtype=torch.int64) for t in targets])
@@ -220,14 +232,15 @@ def build_train_loader(cfg: Any, data: Any, teachers: Any, image_size: Any, norm
     whose augmentation follows the epoch: ``set_epoch`` each of them and the sampler at every epoch)."""
     lcfg = cfg.loss
 
-    def distill_set(split: str, split_cache: Any, stream: int) -> DistillDataset:
+    def distill_set(split: str, split_cache: Any, stream: int, mirror_cache: Any = None) -> DistillDataset:
         base = CocoDetection(data, split, build_transforms(True, image_size, cfg.aug, normalize),
                              draft_size=cfg.draft_size)
         return DistillDataset(base, split_cache, predictions=teachers.use_predictions and split_cache is not None,
                               features=(lcfg.teacher_feature,) if teachers.use_features and split_cache is not None
-                              else (), topk=lcfg.topk, seed=cfg.seed + stream * 1_000_003)
+                              else (), topk=lcfg.topk, seed=cfg.seed + stream * 1_000_003,
+                              mirror_cache=mirror_cache)
 
-    train_set = distill_set(cfg.train_split, teachers.cache, 0)
+    train_set = distill_set(cfg.train_split, teachers.cache, 0, teachers.mirror_cache)
     epoch_sets = [train_set]
     if cfg.unlabeled_split:
         unl_set = distill_set(cfg.unlabeled_split, teachers.unlabeled_cache, 1)

@@ -23,13 +23,14 @@ class TeacherSources:
     use_predictions: bool
     cache: TeacherCache | None = None  # the labelled split's
     unlabeled_cache: TeacherCache | None = None
+    mirror_cache: TeacherCache | None = None  # the labelled split's, teacher on mirrored images (feature targets)
     online: OnlineTeacher | None = None
     channels: int | None = None
     stride: float = STRIDE
 
     def caches(self) -> list[tuple[str, TeacherCache]]:
         """(name, cache) of every cache this run reads, for the pre-flight integrity check."""
-        return [(str(c.path), c) for c in (self.cache, self.unlabeled_cache) if c is not None]
+        return [(str(c.path), c) for c in (self.cache, self.unlabeled_cache, self.mirror_cache) if c is not None]
 
 
 def _refuse_predictions(what: str, diff: str) -> ConfigError:
@@ -74,6 +75,8 @@ def open_teachers(cfg: TrainConfig, data: Any, device: torch.device, student_nor
     if cfg.cache and cfg.teacher:
         raise ConfigError("train: give either cache=CACHE (the cached teacher) or teacher=MODEL_DIR (the online "
                           "reference arm), not both")
+    if cfg.mirror_cache and not cfg.cache:
+        raise ConfigError("mirror_cache= serves the flipped views of the labelled split: it needs cache= too")
     source = cfg.cache or cfg.unlabeled_cache or cfg.teacher
     sources = TeacherSources(use_features=bool(source) and lcfg.feature_weight > 0,
                              use_predictions=bool(source) and lcfg.prediction_weight > 0)
@@ -100,6 +103,21 @@ def open_teachers(cfg: TrainConfig, data: Any, device: torch.device, student_nor
         return sources
     if cfg.cache:
         sources.cache = _open_cache(cfg.cache, data, cfg.train_split, cfg, sources)
+        if sources.cache.mirrored:
+            raise ConfigError(f"cache {cfg.cache} holds the teacher on mirrored images (geometry.hflip): pass it as "
+                              "mirror_cache=, beside the plain cache=")
+    if cfg.mirror_cache and sources.use_features:
+        mirror = TeacherCache(cfg.mirror_cache, data=data, split=cfg.train_split, tensors=[lcfg.teacher_feature])
+        if not mirror.mirrored:
+            raise ConfigError(f"mirror_cache {cfg.mirror_cache} was not made on mirrored images: cache the split "
+                              "again with geometry.hflip=true")
+        plain = {k: v for k, v in sources.cache.manifest.get("geometry", {}).items() if k not in ("hflip", "source")}
+        other = {k: v for k, v in mirror.manifest.get("geometry", {}).items() if k not in ("hflip", "source")}
+        if plain != other or mirror.channels(lcfg.teacher_feature) != sources.cache.channels(lcfg.teacher_feature):
+            raise ConfigError(f"mirror_cache {cfg.mirror_cache} and cache {cfg.cache} differ in geometry or "
+                              "feature channels: make both with the same teacher and settings")
+        sources.mirror_cache = mirror
+        log(f"flipped views take their feature targets from {cfg.mirror_cache}")
     if cfg.unlabeled_split and cfg.unlabeled_cache:
         sources.unlabeled_cache = _open_cache(cfg.unlabeled_cache, data, cfg.unlabeled_split, cfg, sources)
     first = sources.cache or sources.unlabeled_cache
