@@ -173,7 +173,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                                                     # is stale
                                                     f"overwrite={'false' if teacher_reused else 'true'}", *extra])
         cache_run(cache_cfg)
-    cache_dir = out / "cache" / "train.zarr"
+    cache_dir, mirror_dir = out / "cache" / "train.zarr", out / "cache" / "train_mirror.zarr"
     timings["cache"] = time.time() - t0
 
     _stage(4, f"students ({cfg.student_preset}): baseline and distilled twin, same schedule and seed")
@@ -183,7 +183,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                                f"batch_size={cfg.student_batch_size}"]
     baseline_run, _ = _train(cfg.student_config, out / "baseline", student_common)
     distilled_run, _ = _train(cfg.student_config, out / "distilled",
-                              student_common + [f"cache={cache_dir}", *cfg.distill_overrides])
+                              student_common + [f"cache={cache_dir}", f"mirror_cache={mirror_dir}",
+                                                *cfg.distill_overrides])
     timings["students"] = time.time() - t0
 
     _stage(5, f"YOLO11 baseline ({cfg.yolo_model}, {cfg.yolo_epochs} epochs)")

@@ -41,7 +41,8 @@ def test_demo_smallest_settings_end_to_end(tmp_path, capsys):
     dist_cfg = (out / "distilled" / "config.yaml").read_text()
     base_yaml, dist_yaml = yaml.safe_load(base_cfg), yaml.safe_load(dist_cfg)
     assert base_yaml["cache"] is None and dist_yaml["cache"] is not None
-    drop = lambda cfg: {k: v for k, v in cfg.items() if k not in ("out", "cache")}  # noqa: E731
+    assert base_yaml["mirror_cache"] is None and dist_yaml["mirror_cache"].endswith("train_mirror.zarr")
+    drop = lambda cfg: {k: v for k, v in cfg.items() if k not in ("out", "cache", "mirror_cache")}  # noqa: E731
     assert drop(base_yaml) == drop(dist_yaml)
     dist_metrics = [json.loads(l) for l in (out / "distilled" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in dist_metrics if r["type"] == "train"]

@@ -89,7 +89,9 @@ def test_ablation_demo_trains_the_demos_students(name):
     assert all(Path(a["mirror_cache"]) == demo_out / "cache" / "train_mirror.zarr" for a in mirrored)
     if name == "ablation_demo":
         assert mirrored  # the demo caches the train split on mirrored images too
-        assert cfg.arms["distill"] == {}  # the shipped defaults, untouched
+        # the demo's distilled student: the shipped losses untouched, the mirror cache for flipped views
+        assert cfg.arms["distill"] == {"mirror_cache": str(demo_out / "cache" / "train_mirror.zarr")}
+        assert cfg.arms["distill_plain"] == {}
         assert set(cfg.arms) >= {"baseline", "feature", "prediction", "distill", "online"}
     else:
         assert cfg.arms["labelled_kd"] == {} and set(cfg.arms) >= {"labelled", "labelled_kd", "unlabeled_kd"}
