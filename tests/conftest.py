@@ -69,8 +69,18 @@ def small_cache(tmp_path_factory, synthetic_data, tiny_model_dir):
     from rtcodetr.cache_teacher import CacheConfig, run
     from rtcodetr.config import load_config
 
+    import torch
+
     out = tmp_path_factory.mktemp("small_cache") / "cache"
-    run(load_config(CacheConfig, None, [
-        f"data={synthetic_data.root}", f"teacher={tiny_model_dir('rtdetr-tiny')}", f"out={out}", "samples_per_shard=4",
-        "batch_size=4", "num_workers=0", "progress=false", "dtype=float32", "geometry.size_hw=[128,128]"]))
+    # one teacher thread, whichever test first asks for it: tests that recompute shards of it and compare bytes run
+    # on one thread too (other thread counts reorder float reductions)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(load_config(CacheConfig, None, [
+            f"data={synthetic_data.root}", f"teacher={tiny_model_dir('rtdetr-tiny')}", f"out={out}",
+            "samples_per_shard=4", "batch_size=4", "num_workers=0", "progress=false", "dtype=float32",
+            "geometry.size_hw=[128,128]"]))
+    finally:
+        torch.set_num_threads(before)
     return out

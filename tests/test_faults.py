@@ -249,10 +249,11 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def test_damaged_shard_is_named_by_verify_and_repaired_by_redo_shards(tmp_path, small_cache, capsys):
+def test_damaged_shard_is_named_by_verify_and_repaired_by_redo_shards(tmp_path, small_cache, capsys, one_thread):
     """A shard file cut in half after the job finished (a copy that stopped) and another shard's object deleted:
     `verify` (cheap and --full) names both shards, their samples and image ids and prints the repair command; that
-    command recomputes only those shards, after which the cache equals the undamaged one."""
+    command recomputes only those shards, after which the cache equals the undamaged one (byte for byte: both made on
+    one thread, see the small_cache fixture)."""
     from rtcodetr.cache_teacher import CacheCorruptError, TeacherCache
     from rtcodetr.cache_teacher.cli import main as cache_main
 
