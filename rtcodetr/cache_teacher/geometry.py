@@ -122,7 +122,7 @@ class TeacherInputs(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        from rtcodetr.data.transforms import Resize
+        from rtcodetr.data.transforms import Resize, hflip_affine
 
         image, target = self.base.load(i)
         h0, w0 = (int(x) for x in target["orig_size"])
@@ -134,8 +134,7 @@ class TeacherInputs(torch.utils.data.Dataset):
         affine = torch.as_tensor(target["affine"], dtype=torch.float64)
         if self.geometry.get("hflip"):
             image = image.flip(-1)
-            mirror = torch.tensor([[-1.0, 0.0, float(nw)], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-            affine = mirror @ affine  # original -> mirrored input: boxes still go back to the original frame
+            affine = hflip_affine(nw) @ affine  # original -> mirrored input: boxes still go back to the original frame
         meta = {
             "index": int(i),
             "image_id": int(target["image_id"]),

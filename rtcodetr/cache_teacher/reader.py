@@ -153,6 +153,11 @@ class TeacherCache:
         return self._finished
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self.read(i)
+
+    def read(self, i: int, tensors: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Sample ``i``: the opened ``tensors`` (or the given subset of them) plus ``image_id``, ``valid``,
+        ``input_hw``."""
         i = int(i)
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for a cache of {len(self)}")
@@ -163,7 +168,8 @@ class TeacherCache:
                 f"{self.path}: sample {i} (image id {int(self._ids[i])}) lies in shard {k}, which is not finished; "
                 "rerun the cache-teacher command to complete the cache", field="shard_done")
         try:
-            out = read_sample(self._source, self.manifest, i, self.tensors)
+            names = self.tensors if tensors is None else [t for t in self.tensors if t in tensors]
+            out = read_sample(self._source, self.manifest, i, names)
         except Exception as e:  # noqa: BLE001 -- a read that fails mid-epoch is a damaged shard: name it and the fix
             from rtcodetr.cache_teacher.integrity import corrupt_cache_error
 

@@ -301,8 +301,12 @@ class RandomHorizontalFlip(Transform):
         if torch.rand(1).item() >= self.p:
             return image, _copy_target(target)
         h, w = image_size_hw(image)
-        step = torch.tensor([[-1.0, 0.0, float(w)], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-        return TF.horizontal_flip(image), _apply_step(target, step, (h, w))
+        return TF.horizontal_flip(image), _apply_step(target, hflip_affine(w), (h, w))
+
+
+def hflip_affine(width: float) -> torch.Tensor:
+    """float64 ``[3, 3]``: the left-right mirror of an image ``width`` pixels wide (``x -> width - x``), its own inverse."""
+    return torch.tensor([[-1.0, 0.0, float(width)], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
 
 
 def shortest_edge_size(h: int, w: int, shortest_edge: int, longest_edge: int | None = None) -> tuple[int, int]:

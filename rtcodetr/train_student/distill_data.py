@@ -22,7 +22,7 @@ from scipy.special import expit
 from rtcodetr.config import ConfigError
 from rtcodetr.data.boxes import affine_boxes, clip_boxes, cxcywh_normalized_to_xyxy, xyxy_to_cxcywh_normalized
 from rtcodetr.data.dataset import CocoDetection
-from rtcodetr.data.transforms import build_transforms
+from rtcodetr.data.transforms import build_transforms, hflip_affine
 from rtcodetr.train_student.sampling import EpochBatchSampler, MixedBatchSampler
 
 FEATURE_TENSORS = ("backbone", "encoder")
@@ -126,21 +126,24 @@ class DistillDataset(torch.utils.data.Dataset):
             target = {**target, "labelled": False}  # images without annotations: no detection loss
         if self.cache is None or not (self.predictions or self.features):
             return image, target
-        row = self.cache[int(self._rows[i])]  # the reader checks the row's stored image id against its manifest
+        r = int(self._rows[i])
+        affine = np.asarray(target["affine"], dtype=np.float64)
+        # a flipped view takes its maps from the mirror cache (the teacher on the mirrored image): read them there only
+        mirrored = self.mirror_cache is not None and np.linalg.det(affine[:2, :2]) < 0
+        own = (["logits", "boxes"] if self.predictions else []) + ([] if mirrored else list(self.features))
+        row = self.cache.read(r, own)  # the reader checks the row's stored image id against its manifest
         target = dict(target)
         if self.predictions:
             probs, weight, boxes = select_teacher_predictions(row["logits"], row["boxes"], self.topk)
-            affine = np.asarray(target["affine"], dtype=np.float64)
             boxes, keep = teacher_boxes_to_current(boxes, _hw(target["orig_size"]), affine, _hw(target["size"]))
             target["teacher_boxes"] = torch.from_numpy(boxes)
             target["teacher_probs"] = torch.from_numpy(probs[keep])
             target["teacher_weight"] = torch.from_numpy(weight[keep])
-        if self.mirror_cache is not None:
-            affine = np.asarray(target["affine"], dtype=np.float64)
-            if np.linalg.det(affine[:2, :2]) < 0:  # a flipped view: the teacher's map of the mirrored image
-                row = self.mirror_cache[int(self._rows[i])]
-                w0 = float(_hw(target["orig_size"])[1])
-                affine = affine @ np.array([[-1.0, 0.0, w0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # mirrored -> current
+        if mirrored:
+            row = self.mirror_cache.read(r, list(self.features))
+            # the map's frame is the mirrored original: mirrored original -> original -> current
+            target["teacher_affine"] = torch.from_numpy(affine) @ hflip_affine(_hw(target["orig_size"])[1])
+        elif self.mirror_cache is not None:
             target["teacher_affine"] = torch.from_numpy(affine)
         for name in self.features:
             target[f"teacher_{name}"] = torch.from_numpy(np.ascontiguousarray(row[name], dtype=np.float32))
